@@ -1,0 +1,1 @@
+"""Benchmarks: each prints thaw's figure beside its peer's, measured in the same run."""

@@ -1,0 +1,1 @@
+"""The Python worker: model, engine, protocol and the RunPod handler."""

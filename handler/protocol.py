@@ -1,0 +1,178 @@
+"""Worker side of the gateway protocol (docs/protocol.md): frames and message shapes.
+
+Messages are plain dicts whose key order follows the document, so encodings are canonical
+and match the golden frames byte for byte.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+# Keys of each message type, in canonical order (docs/protocol.md).
+MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "hello": ("version", "pid"),
+    "phase": ("name", "ms"),
+    "ready": ("model", "max_context", "kv_blocks", "block_size", "max_running", "eos_token_ids"),
+    "outputs": ("step", "items"),
+    "error": ("id", "message"),
+    "stats": ("running", "waiting", "kv_used", "kv_total", "prefix_hits", "preemptions"),
+    "fatal": ("message",),
+    "welcome": ("version",),
+    "reject": ("reason",),
+    "submit": ("id", "prompt", "params"),
+    "cancel": ("id",),
+    "shutdown": (),
+}
+ITEM_KEYS = ("id", "token", "logprob", "top", "finish")
+PARAM_KEYS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+)
+_FLOAT_PARAMS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+}
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks docs/protocol.md."""
+
+
+def message(t: str, **fields: Any) -> dict[str, Any]:
+    """Build a message of type `t` with every key present, in canonical order."""
+    keys = MESSAGE_KEYS.get(t)
+    if keys is None:
+        raise ProtocolError(f"unknown message type {t!r}")
+    unknown = set(fields) - set(keys)
+    if unknown:
+        raise ProtocolError(f"{t}: unknown keys {sorted(unknown)}")
+    msg: dict[str, Any] = {"t": t}
+    for key in keys:
+        msg[key] = fields.get(key)
+    return msg
+
+
+def output_item(
+    request_id: int,
+    token: int | None,
+    logprob: float | None,
+    top: list[tuple[int, float]] | None,
+    finish: str | None,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "token": token,
+        "logprob": None if logprob is None else float(logprob),
+        "top": None if top is None else [[int(t), float(lp)] for t, lp in top],
+        "finish": finish,
+    }
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One frame: big-endian length, then the MessagePack body (floats as float64)."""
+    body = msgpack.packb(msg, use_bin_type=True, use_single_float=False)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable frame: {exc}") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise ProtocolError("frame is not a map with a string 't'")
+    if msg["t"] not in MESSAGE_KEYS:
+        raise ProtocolError(f"unknown message type {msg['t']!r}")
+    return msg
+
+
+def validate_submit(msg: dict[str, Any]) -> str | None:
+    """Return why a submit message is unusable, or None when it is fine."""
+    if not isinstance(msg.get("id"), int) or msg["id"] < 0:
+        return "submit.id must be a non-negative integer"
+    prompt = msg.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return "submit.prompt must be a non-empty list of token ids"
+    if not all(isinstance(t, int) and t >= 0 for t in prompt):
+        return "submit.prompt must hold non-negative integers"
+    params = msg.get("params")
+    if not isinstance(params, dict):
+        return "submit.params must be a map"
+    for key in PARAM_KEYS:
+        if key not in params:
+            return f"submit.params.{key} is missing"
+    for key in _FLOAT_PARAMS:
+        if not isinstance(params[key], int | float) or isinstance(params[key], bool):
+            return f"submit.params.{key} must be a number"
+    if not isinstance(params["max_new_tokens"], int) or params["max_new_tokens"] < 1:
+        return "submit.params.max_new_tokens must be a positive integer"
+    if not isinstance(params["top_k"], int) or params["top_k"] < 0:
+        return "submit.params.top_k must be a non-negative integer"
+    if not isinstance(params["logprobs"], int) or not 0 <= params["logprobs"] <= 20:
+        return "submit.params.logprobs must be an integer in 0..20"
+    if params["seed"] is not None and not isinstance(params["seed"], int):
+        return "submit.params.seed must be an integer or nil"
+    stop = params["stop_token_ids"]
+    if not isinstance(stop, list) or not all(isinstance(t, int) for t in stop):
+        return "submit.params.stop_token_ids must be a list of integers"
+    if not isinstance(params["ignore_eos"], bool):
+        return "submit.params.ignore_eos must be a boolean"
+    return None
+
+
+class FrameSocket:
+    """Blocking frame reader/writer over a connected Unix socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, path: str) -> FrameSocket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return cls(sock)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(encode(msg))
+
+    def _read_exact(self, n: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < n:
+            chunk = self.sock.recv(min(n - len(chunks), 1 << 20))
+            if not chunk:
+                raise EOFError("gateway closed the connection")
+            chunks += chunk
+        return bytes(chunks)
+
+    def recv(self) -> dict[str, Any]:
+        (length,) = _LEN.unpack(self._read_exact(4))
+        if length > MAX_FRAME_BYTES:
+            raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
+        return decode_body(self._read_exact(length))
+
+    def close(self) -> None:
+        self.sock.close()

