@@ -1,0 +1,1 @@
+"""thaw test suite (pytest)."""

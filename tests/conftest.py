@@ -1,0 +1,15 @@
+"""Shared pytest configuration: paths every test suite agrees on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SNAPSHOT = REPO / ".thaw" / "snapshots" / "default"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
