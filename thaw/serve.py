@@ -65,10 +65,12 @@ def resolve_snapshot(uri: str) -> str:
                 "`thaw snapshot build --from default --out DIR`"
             )
         return str(path.resolve())
-    from snapshot.s3 import pull
+    from snapshot.s3 import S3Location, TransferSettings, pull
 
-    target = Path(os.environ.get("THAW_SNAPSHOT_CACHE", str(REPO / ".thaw/snapshots/pulled")))
-    pull(uri, target)
+    default_cache = Path.home() / ".cache" / "thaw" / "snapshots" / "pulled"
+    target = Path(os.environ.get("THAW_SNAPSHOT_CACHE", str(default_cache)))
+    # Resumable: files already present and verified are not downloaded again.
+    pull(S3Location.parse(uri), target, TransferSettings())
     return str(target.resolve())
 
 
