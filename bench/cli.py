@@ -1,4 +1,4 @@
-"""`thaw bench NAME`: dispatch to bench/<name>.py, imported only when chosen."""
+"""`thaw bench NAME [ARGS]`: dispatch to bench/<name>.py, imported only when chosen."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
-    sub.required = True
-    for name, (module, help_text) in BENCHES.items():
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.set_defaults(bench_module=module)
-        # Arguments are added lazily: parse_known_args below hands the rest over.
-        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.description = "benchmarks: " + "; ".join(
+        f"{name}: {help_text}" for name, (_, help_text) in BENCHES.items()
+    )
+    parser.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")
+    # Everything after NAME (options included) belongs to that benchmark's own parser.
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's arguments")
 
 
 def run(args: argparse.Namespace) -> int:
-    mod = importlib.import_module(args.bench_module)
+    module, _ = BENCHES[args.bench]
+    mod = importlib.import_module(module)
     parser = argparse.ArgumentParser(prog=f"thaw bench {args.bench}")
     mod.add_arguments(parser)
     return int(mod.run(parser.parse_args(args.rest)) or 0)
