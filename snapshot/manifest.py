@@ -1,0 +1,115 @@
+"""manifest.json: what a snapshot holds, and the checksums that prove it.
+
+The Rust gateway and the worker read the same directory; the names below are the contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snapshot.errors import SnapshotError
+
+FORMAT_VERSION = 1
+KNOWN_FORMAT_VERSIONS = frozenset({1})
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+REQUIRED_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG)
+
+HASH_CHUNK = 16 * 1024 * 1024
+
+
+def weight_file_names(shard_count: int) -> list[str]:
+    """Hugging Face's names: one file, or model-0000i-of-0000N.safetensors."""
+    if shard_count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{shard_count:05d}.safetensors" for i in range(1, shard_count + 1)]
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], Any] | None = None) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file of a snapshot; failures name the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{path.name}: missing") from exc
+    except OSError as exc:
+        raise SnapshotError(f"{path.name}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SnapshotError(f"{path.name}: not valid JSON ({exc})") from exc
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def parse_manifest(value: Any) -> dict[str, Any]:
+    """Check the parts of a manifest every reader relies on; return it unchanged."""
+    if not isinstance(value, dict):
+        raise SnapshotError(f"{MANIFEST}: not a JSON object")
+    version = value.get("format_version")
+    if version not in KNOWN_FORMAT_VERSIONS:
+        known = ", ".join(str(v) for v in sorted(KNOWN_FORMAT_VERSIONS))
+        raise SnapshotError(
+            f"{MANIFEST}: unknown format_version {version!r} (this thaw reads {known})"
+        )
+    files = value.get("files")
+    if not isinstance(files, list) or not all(_is_file_entry(f) for f in files):
+        raise SnapshotError(f"{MANIFEST}: 'files' is not a list of {{name, size, sha256}}")
+    for entry in files:
+        # Names come from a possibly remote manifest: keep them inside the snapshot directory.
+        name = entry["name"]
+        if name != os.path.basename(name) or name in ("", ".", "..", MANIFEST):
+            raise SnapshotError(f"{MANIFEST}: file name {name!r} is not allowed")
+    tensors = value.get("tensors")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(t, dict) and isinstance(t.get("file"), str) for t in tensors.values()
+    ):
+        raise SnapshotError(f"{MANIFEST}: 'tensors' is not an object of {{file, dtype, shape}}")
+    for key in ("architecture", "dtype"):
+        if not isinstance(value.get(key), str):
+            raise SnapshotError(f"{MANIFEST}: '{key}' is missing")
+    return value
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    return parse_manifest(read_json(Path(directory) / MANIFEST))
+
+
+def weight_files(manifest: dict[str, Any]) -> list[str]:
+    """The weight files a manifest's tensors live in, in order."""
+    names = {t["file"] for t in manifest["tensors"].values()}
+    if not names:
+        raise SnapshotError(f"{MANIFEST}: 'tensors' does not name the weight files")
+    return sorted(names)
+
+
+def _is_file_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
