@@ -1,0 +1,136 @@
+//! RunPod-style job routes: /run, /runsync, /status/{id}, /stream/{id}, /cancel/{id}.
+
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::JsonBody;
+use crate::error::ApiError;
+use crate::jobs::{run_job, JobContext, JobSpec, JobView, RunBody};
+use crate::state::AppState;
+
+/// RunPod's /runsync waits 90 s by default and 300 s at most.
+const DEFAULT_WAIT: Duration = Duration::from_secs(90);
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Validates, admits and starts a job; returns its id.
+async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<String, ApiError> {
+    let webhook = body.webhook_url()?;
+    let (prompt, spec) = body.input.to_prompt()?;
+    let policy = body.policy.unwrap_or_default();
+    let (model, request) = app.prepare(prompt, spec).await?;
+    let stream = app.generator.generate(model.clone(), request.clone())?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let cancel = app.jobs.insert(&id, retention);
+    let context = JobContext {
+        generator: app.generator.clone(),
+        store: app.jobs.clone(),
+        metrics: app.metrics.clone(),
+    };
+    let spec = JobSpec {
+        id: id.clone(),
+        model,
+        request,
+        execution_timeout: policy.execution_timeout(),
+        ttl: policy.ttl(),
+        webhook,
+    };
+    tokio::spawn(run_job(context, spec, stream, cancel));
+    Ok(id)
+}
+
+pub async fn run(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody<RunBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = submit(&app, body, app.config.job_retention()).await?;
+    Ok(Json(json!({"id": id, "status": "IN_QUEUE"})))
+}
+
+pub async fn runsync(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    JsonBody(body): JsonBody<RunBody>,
+) -> Result<Json<JobView>, ApiError> {
+    let wait = wait_from_query(query.as_deref())?;
+    let id = submit(&app, body, app.config.runsync_retention()).await?;
+    if let Some(mut done) = app.jobs.watch_done(&id) {
+        let _ = tokio::time::timeout(wait, done.wait_for(|finished| *finished)).await;
+    }
+    view(&app, &id).map(Json)
+}
+
+/// `?wait=<ms>`, capped at 300 s.
+fn wait_from_query(query: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(query) = query else {
+        return Ok(DEFAULT_WAIT);
+    };
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("wait=") {
+            let ms: u64 = value.parse().map_err(|_| {
+                ApiError::Malformed(format!("`wait` must be milliseconds (got {value:?})"))
+            })?;
+            return Ok(Duration::from_millis(ms).min(MAX_WAIT));
+        }
+    }
+    Ok(DEFAULT_WAIT)
+}
+
+fn view(app: &AppState, id: &str) -> Result<JobView, ApiError> {
+    app.jobs.view(id).ok_or_else(|| unknown(id))
+}
+
+fn unknown(id: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no job {id:?} (unknown, or its result has expired)"
+    ))
+}
+
+pub async fn status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    view(&app, &id).map(Json)
+}
+
+/// The chunks produced since the last call: `{"id", "status", "stream": [{"output": ...}]}`.
+pub async fn stream(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (status, chunks) = app.jobs.take_chunks(&id).ok_or_else(|| unknown(&id))?;
+    let stream: Vec<Value> = chunks
+        .into_iter()
+        .map(|output| json!({"output": output}))
+        .collect();
+    Ok(Json(json!({"id": id, "status": status, "stream": stream})))
+}
+
+pub async fn cancel(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let status = app.jobs.cancel(&id).ok_or_else(|| unknown(&id))?;
+    Ok(Json(json!({"id": id, "status": status})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_parameter() {
+        assert_eq!(wait_from_query(None).unwrap(), DEFAULT_WAIT);
+        assert_eq!(
+            wait_from_query(Some("wait=1500")).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            wait_from_query(Some("x=1&wait=999999999")).unwrap(),
+            MAX_WAIT
+        );
+        assert!(wait_from_query(Some("wait=soon")).is_err());
+    }
+}

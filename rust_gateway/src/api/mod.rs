@@ -1,0 +1,69 @@
+//! HTTP surface: the routers and their layers.
+
+mod extract;
+mod jobs;
+mod middleware;
+mod probes;
+mod tgi;
+mod tgi_types;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use extract::JsonBody;
+
+/// Every route on PORT. /health and /ping are open; the rest need the API key when one is set.
+pub fn router(app: AppState) -> Router {
+    let protected = Router::new()
+        .route("/ready", get(probes::ready))
+        .route("/metrics", get(probes::metrics))
+        .route("/", post(tgi::compat_generate))
+        .route("/generate", post(tgi::generate))
+        .route("/generate_stream", post(tgi::generate_stream))
+        .route("/info", get(tgi::info))
+        .route("/tokenize", post(tgi::tokenize))
+        .route("/run", post(jobs::run))
+        .route("/runsync", post(jobs::runsync))
+        .route("/status/{id}", get(jobs::status).post(jobs::status))
+        .route("/stream/{id}", get(jobs::stream).post(jobs::stream))
+        .route("/cancel/{id}", post(jobs::cancel))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(probes::health))
+        .route("/ping", get(probes::ping))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::observe,
+        ))
+        .with_state(app)
+}
+
+/// Only the probes, for PORT_HEALTH.
+pub fn probe_router(app: AppState) -> Router {
+    let protected = Router::new()
+        .route("/ready", get(probes::ready))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(probes::health))
+        .route("/ping", get(probes::ping))
+        .merge(protected)
+        .fallback(not_found)
+        .with_state(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}

@@ -1,0 +1,189 @@
+//! Runs one job to a final state. A job whose generation was cut by a worker crash is retried
+//! from scratch, so an accepted job is never lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::store::{JobStatus, JobStore};
+use super::webhook;
+use crate::engine::{EngineError, FinishReason};
+use crate::generation::{GenerateRequest, Generator, TextEvent, TextStream};
+use crate::metrics::Metrics;
+use crate::model::SharedModel;
+
+#[derive(Clone)]
+pub struct JobContext {
+    pub generator: Generator,
+    pub store: JobStore,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct JobSpec {
+    pub id: String,
+    pub model: SharedModel,
+    pub request: GenerateRequest,
+    pub execution_timeout: Option<Duration>,
+    pub ttl: Option<Duration>,
+    pub webhook: Option<reqwest::Url>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Completed {
+        text: String,
+        reason: FinishReason,
+        generated: usize,
+    },
+    Retry,
+    Failed(String),
+    Cancelled,
+    TimedOut,
+}
+
+/// While the queue is full, a retry waits this long before it asks again.
+const RETRY_ADMISSION_EVERY: Duration = Duration::from_millis(200);
+
+pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, cancel: Arc<Notify>) {
+    let created = Instant::now();
+    let mut deadlines = Deadlines {
+        ttl: spec.ttl.map(|ttl| created + ttl),
+        execution: None,
+    };
+    let mut stream = Some(first);
+    let input_tokens = spec.request.prompt_ids.len();
+    let outcome = loop {
+        let mut current = match stream.take() {
+            Some(current) => current,
+            None => match context
+                .generator
+                .generate(spec.model.clone(), spec.request.clone())
+            {
+                Ok(current) => current,
+                Err(EngineError::QueueFull(_)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY_ADMISSION_EVERY) => continue,
+                        _ = cancel.notified() => break Attempt::Cancelled,
+                        _ = deadlines.next() => break Attempt::TimedOut,
+                    }
+                }
+                Err(error) => break Attempt::Failed(error.to_string()),
+            },
+        };
+        match attempt(&context, &spec, &mut current, &cancel, &mut deadlines).await {
+            Attempt::Retry => {
+                tracing::warn!(job = %spec.id, "worker lost mid-generation; retrying the job");
+                context.store.reset_progress(&spec.id);
+            }
+            other => break other,
+        }
+    };
+    let (status, output, error) = match outcome {
+        Attempt::Completed {
+            text,
+            reason,
+            generated,
+        } => {
+            let output = serde_json::json!({
+                "text": text,
+                "finish_reason": reason,
+                "usage": {
+                    "prompt_tokens": input_tokens,
+                    "completion_tokens": generated,
+                    "total_tokens": input_tokens + generated,
+                },
+            });
+            (JobStatus::Completed, Some(output), None)
+        }
+        Attempt::Failed(message) => (JobStatus::Failed, None, Some(message)),
+        Attempt::Cancelled => (JobStatus::Cancelled, None, None),
+        Attempt::TimedOut => (
+            JobStatus::TimedOut,
+            None,
+            Some("the job ran past its time limit".into()),
+        ),
+        Attempt::Retry => (JobStatus::Failed, None, Some("retry loop ended".into())),
+    };
+    let Some(view) = context.store.finish(&spec.id, status, output, error) else {
+        return;
+    };
+    context
+        .metrics
+        .jobs
+        .with_label_values(&[view.status.as_str()])
+        .inc();
+    if let Some(url) = spec.webhook {
+        webhook::deliver(url, view).await;
+    }
+}
+
+async fn attempt(
+    context: &JobContext,
+    spec: &JobSpec,
+    stream: &mut TextStream,
+    cancel: &Notify,
+    deadlines: &mut Deadlines,
+) -> Attempt {
+    let mut text = String::new();
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = cancel.notified() => return Attempt::Cancelled,
+            _ = deadlines.next() => return Attempt::TimedOut,
+        };
+        match event {
+            None => return Attempt::Failed("generation ended without finishing".into()),
+            Some(Err(EngineError::WorkerLost)) => return Attempt::Retry,
+            Some(Err(error)) => return Attempt::Failed(error.to_string()),
+            Some(Ok(TextEvent::Started)) => {
+                context.store.set_started(&spec.id);
+                if let (None, Some(limit)) = (deadlines.execution, spec.execution_timeout) {
+                    deadlines.execution = Some(Instant::now() + limit);
+                }
+            }
+            Some(Ok(TextEvent::Token(token))) => {
+                if !token.text.is_empty() {
+                    context
+                        .store
+                        .push_chunk(&spec.id, serde_json::json!({"text": token.text}));
+                }
+                text.push_str(&token.text);
+                if let Some(done) = token.finish {
+                    return Attempt::Completed {
+                        text,
+                        reason: done.reason,
+                        generated: done.generated_tokens,
+                    };
+                }
+            }
+            Some(Ok(TextEvent::Done {
+                completion,
+                text: tail,
+            })) => {
+                text.push_str(&tail);
+                return Attempt::Completed {
+                    text,
+                    reason: completion.reason,
+                    generated: completion.generated_tokens,
+                };
+            }
+        }
+    }
+}
+
+struct Deadlines {
+    ttl: Option<Instant>,
+    execution: Option<Instant>,
+}
+
+impl Deadlines {
+    /// Resolves when the earliest deadline passes; never when there is none.
+    async fn next(&self) {
+        match self.ttl.into_iter().chain(self.execution).min() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}

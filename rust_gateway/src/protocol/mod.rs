@@ -1,0 +1,14 @@
+//! Gateway ↔ worker protocol, version 1 (docs/protocol.md): messages and frames.
+
+mod frames;
+mod messages;
+
+pub use frames::{decode_body, read_body, write_message};
+#[cfg(test)]
+pub use frames::{encode, FrameError};
+pub use messages::{
+    GatewayMessage, OutputItem, Params, ReadyInfo, WireFinish, WorkerMessage, PROTOCOL_VERSION,
+};
+
+#[cfg(test)]
+mod golden_tests;

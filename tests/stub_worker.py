@@ -1,0 +1,186 @@
+"""A worker that speaks the gateway protocol without torch, for gateway tests and benchmarks.
+
+It echoes each prompt's token ids back cyclically, one token per request per step, so outputs
+are deterministic and decode to a known text. Behaviour is set by environment variables:
+
+  STUB_TOKENS              tokens per request before it ends with EOS (default 8)
+  STUB_TOKEN_DELAY_S       sleep per engine step (default 0)
+  STUB_START_DELAY_S       sleep before `ready`, as if importing torch (default 0)
+  STUB_MAX_RUNNING         `max_running` announced in `ready` (default 64)
+  STUB_MAX_CONTEXT         `max_context` announced in `ready` (default 2048)
+  STUB_EOS_ID              the EOS token id (default 0)
+  STUB_FAIL_AT_START       when "1": print an error, send `fatal`, exit 1
+  STUB_CRASH_AFTER_SUBMITS exit abruptly when this many submits arrived...
+  STUB_CRASH_ONCE_FILE     ...but only if this file does not exist yet (it is created)
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from handler.protocol import (
+    PROTOCOL_VERSION,
+    FrameSocket,
+    message,
+    output_item,
+    validate_submit,
+)
+
+
+@dataclass
+class StubConfig:
+    tokens: int
+    token_delay_s: float
+    start_delay_s: float
+    max_running: int
+    max_context: int
+    eos_id: int
+    fail_at_start: bool
+    crash_after_submits: int
+    crash_once_file: str
+
+    @classmethod
+    def from_env(cls) -> StubConfig:
+        env = os.environ
+        return cls(
+            tokens=int(env.get("STUB_TOKENS", "8")),
+            token_delay_s=float(env.get("STUB_TOKEN_DELAY_S", "0")),
+            start_delay_s=float(env.get("STUB_START_DELAY_S", "0")),
+            max_running=int(env.get("STUB_MAX_RUNNING", "64")),
+            max_context=int(env.get("STUB_MAX_CONTEXT", "2048")),
+            eos_id=int(env.get("STUB_EOS_ID", "0")),
+            fail_at_start=env.get("STUB_FAIL_AT_START") == "1",
+            crash_after_submits=int(env.get("STUB_CRASH_AFTER_SUBMITS", "0")),
+            crash_once_file=env.get("STUB_CRASH_ONCE_FILE", ""),
+        )
+
+
+@dataclass
+class StubRequest:
+    prompt: list[int]
+    max_new_tokens: int
+    logprobs: int
+    produced: int = 0
+
+
+@dataclass
+class StubEngine:
+    config: StubConfig
+    requests: dict[int, StubRequest] = field(default_factory=dict)
+    submits: int = 0
+    step: int = 0
+
+    def submit(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Admit a submit; returns an `error` message when it is refused."""
+        self.submits += 1
+        self.maybe_crash()
+        problem = validate_submit(msg)
+        if problem is None and len(msg["prompt"]) > self.config.max_context:
+            problem = f"prompt of {len(msg['prompt'])} tokens exceeds the context"
+        if problem is not None:
+            return message("error", id=msg.get("id", 0), message=problem)
+        params = msg["params"]
+        self.requests[msg["id"]] = StubRequest(
+            msg["prompt"], params["max_new_tokens"], params["logprobs"]
+        )
+        return None
+
+    def maybe_crash(self) -> None:
+        limit = self.config.crash_after_submits
+        if not limit or self.submits < limit:
+            return
+        marker = Path(self.config.crash_once_file) if self.config.crash_once_file else None
+        if marker is not None and marker.exists():
+            return
+        if marker is not None:
+            marker.touch()
+        print(f"stub: crashing after {self.submits} submits", file=sys.stderr, flush=True)
+        os._exit(17)
+
+    def cancel(self, request_id: int) -> dict[str, Any] | None:
+        if self.requests.pop(request_id, None) is None:
+            return None
+        return output_item(request_id, None, None, None, "cancelled")
+
+    def run_step(self) -> list[dict[str, Any]]:
+        """One token for every running request."""
+        items = []
+        for request_id, request in list(self.requests.items()):
+            limit = min(request.max_new_tokens, self.config.tokens)
+            request.produced += 1
+            if request.produced >= self.config.tokens and request.produced < request.max_new_tokens:
+                token, finish = self.config.eos_id, "eos_token"
+            else:
+                token = request.prompt[(request.produced - 1) % len(request.prompt)]
+                finish = "length" if request.produced >= limit else None
+            top = [(token, -0.5)] * request.logprobs if request.logprobs else None
+            items.append(output_item(request_id, token, -0.5, top, finish))
+            if finish is not None:
+                del self.requests[request_id]
+        self.step += 1
+        return items
+
+
+def start_up(sock: FrameSocket, config: StubConfig, started: float) -> None:
+    sock.send(message("hello", version=PROTOCOL_VERSION, pid=os.getpid()))
+    reply = sock.recv()
+    if reply["t"] != "welcome":
+        print(f"stub: handshake refused: {reply}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if config.fail_at_start:
+        print("stub: simulated start-up failure (STUB_FAIL_AT_START)", file=sys.stderr, flush=True)
+        sock.send(message("fatal", message="simulated start-up failure"))
+        sys.exit(1)
+    time.sleep(config.start_delay_s)
+    for phase in ("torch_imported", "weights_mapped", "kv_allocated"):
+        sock.send(message("phase", name=phase, ms=(time.monotonic() - started) * 1000.0))
+    sock.send(
+        message(
+            "ready",
+            model="stub",
+            max_context=config.max_context,
+            kv_blocks=1024,
+            block_size=16,
+            max_running=config.max_running,
+            eos_token_ids=[config.eos_id],
+        )
+    )
+
+
+def serve(sock: FrameSocket, engine: StubEngine) -> int:
+    while True:
+        timeout = engine.config.token_delay_s if engine.requests else None
+        readable, _, _ = select.select([sock.sock], [], [], timeout)
+        if readable:
+            msg = sock.recv()
+            if msg["t"] == "shutdown":
+                return 0
+            if msg["t"] == "submit" and (error := engine.submit(msg)) is not None:
+                sock.send(error)
+            if msg["t"] == "cancel" and (item := engine.cancel(msg["id"])) is not None:
+                sock.send(message("outputs", step=engine.step, items=[item]))
+            if engine.config.token_delay_s and engine.requests:
+                continue  # take every queued frame before the next timed step
+        if engine.requests:
+            sock.send(message("outputs", step=engine.step, items=engine.run_step()))
+
+
+def main() -> int:
+    started = time.monotonic()
+    config = StubConfig.from_env()
+    sock = FrameSocket.connect(os.environ["THAW_SOCKET"])
+    start_up(sock, config, started)
+    try:
+        return serve(sock, StubEngine(config))
+    except EOFError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
