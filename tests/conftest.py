@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixture modules shared by several test files (registered once, here).
+pytest_plugins = ["tests.gateway_fixtures", "tests.snapshot_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SNAPSHOT = REPO / ".thaw" / "snapshots" / "default"
 

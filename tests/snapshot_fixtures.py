@@ -1,6 +1,6 @@
 """Fixtures and helpers of the snapshot tests: tiny random models, built snapshots, an S3 server.
 
-Test modules import the helpers and name this module in `pytest_plugins` for the fixtures.
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 PYTEST_DONT_REWRITE: it is imported before pytest registers it as a plugin.
 """
 

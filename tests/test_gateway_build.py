@@ -8,8 +8,6 @@ from pathlib import Path
 
 from tests.gateway_fixtures import build_gateway
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 ENV_VARS = [
     "PORT",
     "PORT_HEALTH",

@@ -10,8 +10,6 @@ import requests
 
 from tests.gateway_fixtures import Gateway, start_gateway
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 JSON = {"Content-Type": "application/json"}
 TEN_MB = b'{"inputs": "' + b"a" * (10 * 1024 * 1024) + b'"}'
 

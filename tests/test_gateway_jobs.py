@@ -16,8 +16,6 @@ import pytest
 
 from tests.gateway_fixtures import Gateway
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import requests
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 
 def pid_alive(pid: int) -> bool:
     try:

@@ -13,8 +13,6 @@ import requests
 
 from tests.gateway_fixtures import Gateway, free_port, gateway_env
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 
 def first_health_ms(binary: Path, snapshot: Path, tmp_path: Path) -> float:
     """Milliseconds from exec to the first 200 on /health."""

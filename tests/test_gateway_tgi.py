@@ -10,8 +10,6 @@ import requests
 
 from tests.gateway_fixtures import encode
 
-pytest_plugins = ["tests.gateway_fixtures"]
-
 MULTI_BYTE = "Grüße aus Köln 🙂 日本語"
 
 

@@ -10,8 +10,6 @@ import torch
 
 from thaw.cli import main as thaw
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 
 def test_bench_load_json(tiny_llama_snapshot: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = thaw(

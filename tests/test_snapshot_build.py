@@ -14,8 +14,6 @@ from snapshot.errors import SnapshotError
 from snapshot.verify import verify_snapshot
 from tests.snapshot_fixtures import CHAT_TEMPLATE, build, save_tiny_model
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 
 def snapshot_tensors(directory: Path) -> dict[str, torch.Tensor]:
     manifest = mf.load_manifest(directory)

@@ -11,8 +11,6 @@ from safetensors.torch import load_file
 
 from snapshot.sources import default_gguf
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 8
 

@@ -18,8 +18,6 @@ from snapshot.loader import load_snapshot, prefetch_into_page_cache, typed_view
 from snapshot.tensorfile import read_header
 from tests.snapshot_fixtures import rewrite_manifest_checksums
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 
 def test_cpu_load_equals_safetensors_and_is_zero_copy(tiny_llama_snapshot: Path) -> None:
     loaded = load_snapshot(tiny_llama_snapshot)

@@ -13,8 +13,6 @@ from snapshot.verify import verify_snapshot
 from tests.snapshot_fixtures import build, save_tiny_model
 from thaw.cli import main as thaw
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 BUCKET = "models"
 PART = 5 * 1024 * 1024  # S3's smallest multipart part
 

@@ -16,8 +16,6 @@ from safetensors.torch import load_file, save_file
 from tests.snapshot_fixtures import VENV_BIN, rewrite_manifest_checksums
 from thaw.cli import main as thaw
 
-pytest_plugins = ["tests.snapshot_fixtures"]
-
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
 
