@@ -10,6 +10,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine", "engine tokens/s vs transformers generate / generate_batch"),
     "gateway": ("bench.gateway", "gateway requests/s and latency vs the runpod local server"),
     "coldstart": ("bench.coldstart", "exec to first token vs import torch and the HF path"),
+    "gpu": ("bench.gpu", "GPU checks: H2D, Triton kernels, CUDA graphs, throughput, cold start"),
 }
 
 
