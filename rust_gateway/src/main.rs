@@ -12,6 +12,7 @@ mod lifecycle;
 mod logging;
 mod metrics;
 mod model;
+mod openai;
 mod protocol;
 mod readiness;
 mod startup;

@@ -73,9 +73,10 @@ impl AppState {
     }
 }
 
-/// A prompt as text, or as a conversation for the chat template.
+/// A prompt as text, as token ids, or as a conversation for the chat template.
 pub enum PromptInput {
     Text(String),
+    Ids(Vec<u32>),
     Messages(Vec<ChatMessage>),
 }
 
@@ -83,6 +84,7 @@ impl PromptInput {
     fn to_ids(&self, model: &SharedModel) -> Result<Vec<u32>, ApiError> {
         let (text, add_special_tokens) = match self {
             Self::Text(text) => (text.clone(), true),
+            Self::Ids(ids) => return checked_ids(model, ids),
             Self::Messages(messages) => {
                 let template = model.chat_template.as_ref().ok_or_else(|| {
                     ApiError::Validation(
@@ -99,6 +101,17 @@ impl PromptInput {
             .tokenizer
             .encode(&text, add_special_tokens)
             .map_err(|err| ApiError::Validation(format!("cannot tokenize the prompt: {err}")))
+    }
+}
+
+/// Token ids go to the worker as they are, so ids outside the vocabulary are refused here.
+fn checked_ids(model: &SharedModel, ids: &[u32]) -> Result<Vec<u32>, ApiError> {
+    let vocab = model.tokenizer.vocab_size();
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(ApiError::Validation(format!(
+            "token id {id} is outside the vocabulary (size {vocab})"
+        ))),
+        None => Ok(ids.to_vec()),
     }
 }
 

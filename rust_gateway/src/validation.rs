@@ -40,6 +40,23 @@ impl Limits {
     }
 }
 
+/// `stop` as OpenAI and vLLM take it: one string or a list.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum StopStrings {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopStrings {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(stop) => vec![stop],
+            Self::Many(stops) => stops,
+        }
+    }
+}
+
 /// Sampling parameters as a client sent them, before validation. `None` means "not given".
 #[derive(Debug, Clone, Default)]
 pub struct SamplingSpec {

@@ -6,9 +6,12 @@ use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::openai::model_list;
 use super::JsonBody;
 use crate::error::ApiError;
-use crate::jobs::{run_job, JobContext, JobSpec, JobView, RunBody};
+use crate::jobs::{
+    run_job, JobContext, JobFormat, JobRequest, JobSpec, JobStatus, JobView, RunBody,
+};
 use crate::state::AppState;
 
 /// RunPod's /runsync waits 90 s by default and 300 s at most.
@@ -18,8 +21,16 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Validates, admits and starts a job; returns its id.
 async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<String, ApiError> {
     let webhook = body.webhook_url()?;
-    let (prompt, spec) = body.input.to_prompt()?;
     let policy = body.policy.unwrap_or_default();
+    let (prompt, spec, format) = match body.input.into_request()? {
+        JobRequest::Text { prompt, spec } => (prompt, spec, JobFormat::Text),
+        JobRequest::OpenAi(request) => (
+            request.prompt,
+            request.spec,
+            JobFormat::OpenAi(request.options),
+        ),
+        JobRequest::Models => return models_job(app, retention).await,
+    };
     let (model, request) = app.prepare(prompt, spec).await?;
     let stream = app.generator.generate(model.clone(), request.clone())?;
     let id = uuid::Uuid::new_v4().to_string();
@@ -33,11 +44,25 @@ async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<St
         id: id.clone(),
         model,
         request,
+        format,
         execution_timeout: policy.execution_timeout(),
         ttl: policy.ttl(),
         webhook,
     };
     tokio::spawn(run_job(context, spec, stream, cancel));
+    Ok(id)
+}
+
+/// A `/v1/models` job needs no generation: it is complete as soon as it is accepted.
+async fn models_job(app: &AppState, retention: Duration) -> Result<String, ApiError> {
+    let model = app.model().await?;
+    let output = serde_json::to_value(model_list(&model, &app.readiness))
+        .map_err(|err| ApiError::Generation(format!("cannot encode the model list: {err}")))?;
+    let id = uuid::Uuid::new_v4().to_string();
+    app.jobs.insert(&id, retention);
+    app.jobs.set_started(&id);
+    app.jobs
+        .finish(&id, JobStatus::Completed, Some(output), None);
     Ok(id)
 }
 

@@ -3,6 +3,8 @@
 mod extract;
 mod jobs;
 mod middleware;
+mod openai;
+mod openapi;
 mod probes;
 mod tgi;
 mod tgi_types;
@@ -14,9 +16,10 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use extract::JsonBody;
+pub use extract::{parse_json_value, shape_errors_are_malformed, JsonBody};
 
-/// Every route on PORT. /health and /ping are open; the rest need the API key when one is set.
+/// Every route on PORT. /health, /ping and /openapi.json are open; the rest need the API key
+/// when one is set.
 pub fn router(app: AppState) -> Router {
     let protected = Router::new()
         .route("/ready", get(probes::ready))
@@ -31,6 +34,9 @@ pub fn router(app: AppState) -> Router {
         .route("/status/{id}", get(jobs::status).post(jobs::status))
         .route("/stream/{id}", get(jobs::stream).post(jobs::stream))
         .route("/cancel/{id}", post(jobs::cancel))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             middleware::require_api_key,
@@ -38,6 +44,7 @@ pub fn router(app: AppState) -> Router {
     Router::new()
         .route("/health", get(probes::health))
         .route("/ping", get(probes::ping))
+        .route("/openapi.json", get(openapi::document))
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))

@@ -1,15 +1,18 @@
 //! The body of /run and /runsync: `{"input": {...}, "webhook"?, "policy"?}`.
 //!
-//! `input` takes `prompt` (text) or `messages` (chat), and `sampling_params` with vLLM's names.
+//! `input` takes `prompt` (text) or `messages` (chat), and `sampling_params` with vLLM's names;
+//! or, as RunPod's worker-vllm, `openai_route` and `openai_input` (the body of that route).
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::{parse_json_value, shape_errors_are_malformed};
 use crate::chat_template::ChatMessage;
 use crate::error::ApiError;
+use crate::openai::{ChatRequest, CompletionRequest, OpenAiRequest};
 use crate::state::PromptInput;
-use crate::validation::SamplingSpec;
+use crate::validation::{SamplingSpec, StopStrings};
 
 #[derive(Debug, Deserialize)]
 pub struct RunBody {
@@ -33,6 +36,18 @@ pub struct JobInput {
     pub messages: Option<Vec<ChatMessage>>,
     pub sampling_params: Option<SamplingParams>,
     pub openai_route: Option<String>,
+    pub openai_input: Option<serde_json::Value>,
+}
+
+/// What a job asks for.
+pub enum JobRequest {
+    Text {
+        prompt: PromptInput,
+        spec: SamplingSpec,
+    },
+    OpenAi(OpenAiRequest),
+    /// `openai_route: "/v1/models"`: answered at once.
+    Models,
 }
 
 /// vLLM's SamplingParams names (the subset the engine honours).
@@ -50,13 +65,6 @@ pub struct SamplingParams {
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub logprobs: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum StopStrings {
-    One(String),
-    Many(Vec<String>),
 }
 
 impl Policy {
@@ -86,14 +94,39 @@ impl RunBody {
     }
 }
 
+fn parse_openai<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    parse_json_value(value).map_err(shape_errors_are_malformed)
+}
+
 impl JobInput {
-    /// The prompt (text or conversation) and the sampling spec.
-    pub fn to_prompt(&self) -> Result<(PromptInput, SamplingSpec), ApiError> {
-        if self.openai_route.is_some() {
-            return Err(ApiError::Validation(
-                "`openai_route` is not supported yet".into(),
-            ));
+    pub fn into_request(self) -> Result<JobRequest, ApiError> {
+        let Some(route) = &self.openai_route else {
+            let (prompt, spec) = self.to_prompt()?;
+            return Ok(JobRequest::Text { prompt, spec });
+        };
+        let body = || {
+            self.openai_input.clone().ok_or_else(|| {
+                ApiError::Validation(format!("`openai_route` {route} needs `openai_input`"))
+            })
+        };
+        // The body is checked exactly as the route itself checks it.
+        match route.as_str() {
+            "/v1/chat/completions" => parse_openai::<ChatRequest>(body()?)?
+                .into_request()
+                .map(JobRequest::OpenAi),
+            "/v1/completions" => parse_openai::<CompletionRequest>(body()?)?
+                .into_request()
+                .map(JobRequest::OpenAi),
+            "/v1/models" => Ok(JobRequest::Models),
+            other => Err(ApiError::Validation(format!(
+                "`openai_route` must be /v1/chat/completions, /v1/completions or /v1/models \
+                 (got {other:?})"
+            ))),
         }
+    }
+
+    /// The prompt (text or conversation) and the sampling spec.
+    fn to_prompt(&self) -> Result<(PromptInput, SamplingSpec), ApiError> {
         let prompt = match (&self.prompt, &self.messages) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::Validation(
@@ -121,11 +154,11 @@ impl JobInput {
                 presence_penalty: p.presence_penalty,
                 frequency_penalty: p.frequency_penalty,
                 seed: p.seed,
-                stop: match &p.stop {
-                    None => Vec::new(),
-                    Some(StopStrings::One(stop)) => vec![stop.clone()],
-                    Some(StopStrings::Many(stops)) => stops.clone(),
-                },
+                stop: p
+                    .stop
+                    .clone()
+                    .map(StopStrings::into_vec)
+                    .unwrap_or_default(),
                 ignore_eos: p.ignore_eos.unwrap_or(false),
                 logprobs: p.logprobs,
                 truncate: None,
@@ -156,6 +189,42 @@ mod tests {
             (Some(5), Some(0), Some(0.0))
         );
         assert_eq!(spec.stop, vec!["\n".to_string()]);
+    }
+
+    #[test]
+    fn openai_routes_take_the_route_body() {
+        let request = |input: serde_json::Value| {
+            body(serde_json::json!({ "input": input }))
+                .input
+                .into_request()
+        };
+        let chat = request(serde_json::json!({"openai_route": "/v1/chat/completions",
+            "openai_input": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}}));
+        assert!(matches!(chat, Ok(JobRequest::OpenAi(r)) if r.spec.max_new_tokens == Some(3)));
+        let completion = request(serde_json::json!({"openai_route": "/v1/completions",
+            "openai_input": {"prompt": "hi", "stream": true}}));
+        assert!(matches!(completion, Ok(JobRequest::OpenAi(r)) if r.options.stream));
+        let models = request(serde_json::json!({"openai_route": "/v1/models"}));
+        assert!(matches!(models, Ok(JobRequest::Models)));
+        let status = |input| request(input).err().map(|e| e.status().as_u16());
+        assert_eq!(
+            status(serde_json::json!({"openai_route": "/v1/embeddings", "openai_input": {}})),
+            Some(422)
+        );
+        assert_eq!(
+            status(serde_json::json!({"openai_route": "/v1/completions"})),
+            Some(422)
+        );
+        assert_eq!(
+            status(serde_json::json!({"openai_route": "/v1/chat/completions",
+                "openai_input": {"messages": "hi"}})),
+            Some(400)
+        );
+        assert_eq!(
+            status(serde_json::json!({"openai_route": "/v1/chat/completions",
+                "openai_input": {"messages": [{"role": "user", "content": "x"}], "n": 2}})),
+            Some(422)
+        );
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::output::{JobFormat, JobOutput};
 use super::store::{JobStatus, JobStore};
 use super::webhook;
-use crate::engine::{EngineError, FinishReason};
+use crate::engine::EngineError;
 use crate::generation::{GenerateRequest, Generator, TextEvent, TextStream};
 use crate::metrics::Metrics;
 use crate::model::SharedModel;
@@ -25,6 +26,7 @@ pub struct JobSpec {
     pub id: String,
     pub model: SharedModel,
     pub request: GenerateRequest,
+    pub format: JobFormat,
     pub execution_timeout: Option<Duration>,
     pub ttl: Option<Duration>,
     pub webhook: Option<reqwest::Url>,
@@ -32,11 +34,7 @@ pub struct JobSpec {
 
 /// How one attempt ended.
 enum Attempt {
-    Completed {
-        text: String,
-        reason: FinishReason,
-        generated: usize,
-    },
+    Completed(serde_json::Value),
     Retry,
     Failed(String),
     Cancelled,
@@ -53,7 +51,6 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
         execution: None,
     };
     let mut stream = Some(first);
-    let input_tokens = spec.request.prompt_ids.len();
     let outcome = loop {
         let mut current = match stream.take() {
             Some(current) => current,
@@ -81,22 +78,7 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
         }
     };
     let (status, output, error) = match outcome {
-        Attempt::Completed {
-            text,
-            reason,
-            generated,
-        } => {
-            let output = serde_json::json!({
-                "text": text,
-                "finish_reason": reason,
-                "usage": {
-                    "prompt_tokens": input_tokens,
-                    "completion_tokens": generated,
-                    "total_tokens": input_tokens + generated,
-                },
-            });
-            (JobStatus::Completed, Some(output), None)
-        }
+        Attempt::Completed(output) => (JobStatus::Completed, Some(output), None),
         Attempt::Failed(message) => (JobStatus::Failed, None, Some(message)),
         Attempt::Cancelled => (JobStatus::Cancelled, None, None),
         Attempt::TimedOut => (
@@ -126,49 +108,34 @@ async fn attempt(
     cancel: &Notify,
     deadlines: &mut Deadlines,
 ) -> Attempt {
-    let mut text = String::new();
+    let prompt_tokens = spec.request.prompt_ids.len();
+    let mut output = JobOutput::new(spec.format, &spec.model, prompt_tokens);
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
             _ = cancel.notified() => return Attempt::Cancelled,
             _ = deadlines.next() => return Attempt::TimedOut,
         };
-        match event {
+        let event = match event {
             None => return Attempt::Failed("generation ended without finishing".into()),
             Some(Err(EngineError::WorkerLost)) => return Attempt::Retry,
             Some(Err(error)) => return Attempt::Failed(error.to_string()),
-            Some(Ok(TextEvent::Started)) => {
-                context.store.set_started(&spec.id);
-                if let (None, Some(limit)) = (deadlines.execution, spec.execution_timeout) {
-                    deadlines.execution = Some(Instant::now() + limit);
-                }
+            Some(Ok(event)) => event,
+        };
+        if event == TextEvent::Started {
+            context.store.set_started(&spec.id);
+            if let (None, Some(limit)) = (deadlines.execution, spec.execution_timeout) {
+                deadlines.execution = Some(Instant::now() + limit);
             }
-            Some(Ok(TextEvent::Token(token))) => {
-                if !token.text.is_empty() {
-                    context
-                        .store
-                        .push_chunk(&spec.id, serde_json::json!({"text": token.text}));
-                }
-                text.push_str(&token.text);
-                if let Some(done) = token.finish {
-                    return Attempt::Completed {
-                        text,
-                        reason: done.reason,
-                        generated: done.generated_tokens,
-                    };
-                }
-            }
-            Some(Ok(TextEvent::Done {
-                completion,
-                text: tail,
-            })) => {
-                text.push_str(&tail);
-                return Attempt::Completed {
-                    text,
-                    reason: completion.reason,
-                    generated: completion.generated_tokens,
-                };
-            }
+        }
+        for chunk in output.push(event, &spec.model) {
+            context.store.push_chunk(&spec.id, chunk);
+        }
+        if output.is_finished() {
+            return match output.finish() {
+                Some(value) => Attempt::Completed(value),
+                None => Attempt::Failed("the response could not be built".into()),
+            };
         }
     }
 }

@@ -33,6 +33,26 @@ impl TextTokenizer {
         Ok(Self { inner, special })
     }
 
+    /// A whitespace-split word-level tokenizer whose ids are the positions of `words`.
+    #[cfg(test)]
+    pub fn word_level(words: &[&str]) -> Self {
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(id, word)| (word.to_string(), serde_json::Value::from(id)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": words[0]},
+            "pre_tokenizer": {"type": "Whitespace"},
+        });
+        let inner: Tokenizer = json.to_string().parse().expect("a valid tokenizer");
+        Self {
+            inner,
+            special: HashSet::new(),
+        }
+    }
+
     /// Token ids of a prompt. Plain prompts get the tokenizer's own special tokens (BOS);
     /// a rendered chat template already holds them.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
@@ -54,6 +74,11 @@ impl TextTokenizer {
             .zip(encoding.get_offsets())
             .map(|(&id, &(start, stop))| TokenSpan { id, start, stop })
             .collect())
+    }
+
+    /// Number of token ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     pub fn is_special(&self, id: u32) -> bool {

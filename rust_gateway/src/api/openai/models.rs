@@ -1,0 +1,30 @@
+//! `GET /v1/models`: the one model this gateway serves.
+
+use axum::extract::State;
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::model::ModelInfo;
+use crate::openai::{unix_seconds, ModelCard, ModelList};
+use crate::readiness::Readiness;
+use crate::state::AppState;
+
+/// The list `/v1/models` answers; the model was "created" when the gateway started.
+pub fn model_list(model: &ModelInfo, readiness: &Readiness) -> ModelList {
+    let uptime_s = (readiness.elapsed_ms() / 1000.0) as u64;
+    ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: model.model_id.clone(),
+            object: "model",
+            created: unix_seconds().saturating_sub(uptime_s),
+            owned_by: "thaw",
+            max_model_len: model.limits.max_total_tokens,
+        }],
+    }
+}
+
+pub async fn list_models(State(app): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let model = app.model().await?;
+    Ok(Json(model_list(&model, &app.readiness)))
+}

@@ -1,0 +1,439 @@
+//! The bodies of `/v1/chat/completions` and `/v1/completions`, and how they map onto the
+//! engine: sampling spec, prompt, and the output options the response builder needs.
+//!
+//! Fields the engine cannot honour are refused with 422 rather than ignored; unknown fields
+//! are ignored (as vLLM does), so clients that send extras keep working.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::chat_template::ChatMessage;
+use crate::error::ApiError;
+use crate::state::PromptInput;
+use crate::validation::{SamplingSpec, StopStrings, MAX_TOP_LOGPROBS};
+
+/// OpenAI's default `max_tokens` for the legacy completions API (vLLM uses the same).
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
+
+/// Which of the two APIs a request (and its response objects) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Chat,
+    Completions,
+}
+
+/// Fields both APIs share, including vLLM's extensions (`top_k`, `min_p`, ...). `model` and
+/// `user` are accepted like any unknown field: the gateway serves one model.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommonFields {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<StopStrings>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Vec<Value>>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+/// A completions prompt: text, a list of texts, token ids, or a list of token-id lists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// What the response builder needs to know beyond the generated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputOptions {
+    pub surface: Surface,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// `Some(n)`: report each token's logprob and its `n` most likely alternatives.
+    pub logprobs: Option<u32>,
+}
+
+/// A parsed and checked OpenAI request, ready for `AppState::prepare`.
+pub struct OpenAiRequest {
+    pub prompt: PromptInput,
+    pub spec: SamplingSpec,
+    pub options: OutputOptions,
+}
+
+fn refuse<T>(message: impl Into<String>) -> Result<T, ApiError> {
+    Err(ApiError::Validation(message.into()))
+}
+
+impl CommonFields {
+    fn check_supported(&self) -> Result<(), ApiError> {
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return refuse(format!(
+                "`n` = {n} is not supported: the engine returns exactly one choice"
+            ));
+        }
+        if self
+            .logit_bias
+            .as_ref()
+            .is_some_and(|bias| !bias.is_empty())
+        {
+            return refuse("`logit_bias` is not supported");
+        }
+        if self.min_tokens.is_some_and(|n| n > 0) {
+            return refuse("`min_tokens` is not supported");
+        }
+        Ok(())
+    }
+
+    fn spec(&self, max_tokens: Option<i64>, logprobs: Option<u32>) -> SamplingSpec {
+        SamplingSpec {
+            max_new_tokens: max_tokens,
+            temperature: self.temperature,
+            // vLLM spells "off" as -1.
+            top_k: self.top_k.map(|k| if k == -1 { 0 } else { k }),
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self
+                .stop
+                .clone()
+                .map(StopStrings::into_vec)
+                .unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs: logprobs.map(i64::from),
+            truncate: None,
+        }
+    }
+
+    fn options(&self, surface: Surface, logprobs: Option<u32>) -> OutputOptions {
+        let stream = self.stream.unwrap_or(false);
+        OutputOptions {
+            surface,
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+            logprobs,
+        }
+    }
+}
+
+/// Top-logprob counts are checked here (rather than in `build_request`) to name the field.
+fn top_n(name: &str, n: i64) -> Result<u32, ApiError> {
+    if (0..=MAX_TOP_LOGPROBS).contains(&n) {
+        Ok(n as u32)
+    } else {
+        refuse(format!(
+            "`{name}` must be in 0..={MAX_TOP_LOGPROBS} (got {n})"
+        ))
+    }
+}
+
+/// `null`, absent, or one of the given strings.
+fn is_one_of(value: Option<&Value>, allowed: &[&str]) -> bool {
+    match value {
+        None | Some(Value::Null) => true,
+        Some(Value::String(text)) => allowed.contains(&text.as_str()),
+        Some(_) => false,
+    }
+}
+
+impl ChatRequest {
+    pub fn into_request(self) -> Result<OpenAiRequest, ApiError> {
+        self.common.check_supported()?;
+        let tools_given = self.tools.as_ref().is_some_and(|tools| !tools.is_empty());
+        // With tools, OpenAI's default choice is "auto": only an explicit "none" is honoured.
+        let choice = self.tool_choice.as_ref().and_then(Value::as_str);
+        if !is_one_of(self.tool_choice.as_ref(), &["none", "auto"])
+            || (tools_given && choice != Some("none"))
+        {
+            return refuse("tool calling is not supported (`tools` need `tool_choice: \"none\"`)");
+        }
+        if self.functions.as_ref().is_some_and(|f| !f.is_empty())
+            || !is_one_of(self.function_call.as_ref(), &["none", "auto"])
+        {
+            return refuse("function calling is not supported");
+        }
+        let format = self.response_format.as_ref().filter(|f| !f.is_null());
+        if format.is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
+            return refuse("`response_format` other than {\"type\": \"text\"} is not supported");
+        }
+        if self.messages.is_empty() {
+            return refuse("`messages` must not be empty");
+        }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (true, top) => Some(top_n("top_logprobs", top.unwrap_or(0))?),
+            (false, Some(top)) if top > 0 => {
+                return refuse("`top_logprobs` needs `logprobs: true`");
+            }
+            (false, _) => None,
+        };
+        let max_tokens = self.max_completion_tokens.or(self.common.max_tokens);
+        Ok(OpenAiRequest {
+            spec: self.common.spec(max_tokens, logprobs),
+            options: self.common.options(Surface::Chat, logprobs),
+            prompt: PromptInput::Messages(self.messages),
+        })
+    }
+}
+
+impl CompletionRequest {
+    pub fn into_request(self) -> Result<OpenAiRequest, ApiError> {
+        self.common.check_supported()?;
+        if self.echo == Some(true) {
+            return refuse("`echo` is not supported");
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return refuse("`suffix` is not supported");
+        }
+        if self.best_of.is_some_and(|n| n > 1) {
+            return refuse("`best_of` > 1 is not supported");
+        }
+        let logprobs = self.logprobs.map(|n| top_n("logprobs", n)).transpose()?;
+        let max_tokens = self
+            .common
+            .max_tokens
+            .or(Some(COMPLETIONS_DEFAULT_MAX_TOKENS));
+        Ok(OpenAiRequest {
+            spec: self.common.spec(max_tokens, logprobs),
+            options: self.common.options(Surface::Completions, logprobs),
+            prompt: self.prompt.into_prompt()?,
+        })
+    }
+}
+
+impl PromptField {
+    /// One prompt per request: batches would need `n` choices, which the engine does not return.
+    fn into_prompt(self) -> Result<PromptInput, ApiError> {
+        let single = |count: usize| {
+            if count == 1 {
+                Ok(())
+            } else {
+                refuse(format!(
+                    "`prompt` must hold exactly one prompt (got {count}); send one request each"
+                ))
+            }
+        };
+        match self {
+            Self::Text(text) => Ok(PromptInput::Text(text)),
+            Self::Texts(mut texts) => {
+                single(texts.len())?;
+                Ok(PromptInput::Text(texts.remove(0)))
+            }
+            Self::Ids(ids) => Ok(PromptInput::Ids(ids)),
+            Self::IdLists(mut lists) => {
+                single(lists.len())?;
+                Ok(PromptInput::Ids(lists.remove(0)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(body: Value) -> Result<OpenAiRequest, ApiError> {
+        serde_json::from_value::<ChatRequest>(body)
+            .expect("the body parses")
+            .into_request()
+    }
+
+    fn completion(body: Value) -> Result<OpenAiRequest, ApiError> {
+        serde_json::from_value::<CompletionRequest>(body)
+            .expect("the body parses")
+            .into_request()
+    }
+
+    fn refused<T>(result: Result<T, ApiError>) -> String {
+        match result {
+            Err(ApiError::Validation(message)) => message,
+            Err(other) => panic!("expected 422, got {other:?}"),
+            Ok(_) => panic!("expected 422, got a request"),
+        }
+    }
+
+    const HI: &str = r#"[{"role": "user", "content": "hi"}]"#;
+
+    fn messages() -> Value {
+        serde_json::from_str(HI).unwrap()
+    }
+
+    #[test]
+    fn chat_parameters_reach_the_spec() {
+        let request = chat(json!({
+            "model": "anything", "messages": messages(), "max_completion_tokens": 7,
+            "max_tokens": 99, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": "x",
+            "presence_penalty": 0.1, "frequency_penalty": 0.2, "top_k": -1, "min_p": 0.05,
+            "repetition_penalty": 1.1, "ignore_eos": true, "logprobs": true, "top_logprobs": 2,
+            "stream": true, "stream_options": {"include_usage": true}, "n": 1
+        }))
+        .unwrap();
+        let spec = request.spec;
+        assert_eq!(spec.max_new_tokens, Some(7));
+        assert_eq!((spec.temperature, spec.top_p), (Some(0.5), Some(0.9)));
+        assert_eq!(
+            (spec.seed, spec.top_k, spec.logprobs),
+            (Some(3), Some(0), Some(2))
+        );
+        assert_eq!(spec.stop, vec!["x".to_string()]);
+        assert!(spec.ignore_eos);
+        assert_eq!(
+            request.options,
+            OutputOptions {
+                surface: Surface::Chat,
+                stream: true,
+                include_usage: true,
+                logprobs: Some(2)
+            }
+        );
+        assert!(matches!(request.prompt, PromptInput::Messages(m) if m.len() == 1));
+    }
+
+    #[test]
+    fn include_usage_only_applies_to_streams() {
+        let request = chat(json!({"messages": messages(),
+            "stream_options": {"include_usage": true}}))
+        .unwrap();
+        assert!(!request.options.include_usage);
+        assert_eq!(request.options.logprobs, None);
+    }
+
+    #[test]
+    fn unsupported_chat_parameters_are_refused() {
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        for (extra, word) in [
+            (json!({"n": 2}), "`n`"),
+            (json!({"tools": tool}), "tool"),
+            (json!({"tools": tool, "tool_choice": "auto"}), "tool"),
+            (json!({"tool_choice": "required"}), "tool"),
+            (json!({"functions": [{"name": "f"}]}), "function"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (json!({"logit_bias": {"1": 5}}), "logit_bias"),
+            (json!({"min_tokens": 3}), "min_tokens"),
+            (json!({"top_logprobs": 2}), "logprobs"),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+        ] {
+            let mut body = json!({"messages": messages()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            match chat(body) {
+                Err(ApiError::Validation(message)) => assert!(message.contains(word), "{extra}"),
+                Err(other) => panic!("{extra}: expected 422, got {other:?}"),
+                Ok(_) => panic!("{extra}: expected 422, got a request"),
+            }
+        }
+        assert!(refused(chat(json!({"messages": []}))).contains("empty"));
+    }
+
+    #[test]
+    fn harmless_values_of_unsupported_parameters_pass() {
+        let tool = json!([{"type": "function", "function": {"name": "f"}}]);
+        assert!(chat(
+            json!({"messages": messages(), "tools": tool, "tool_choice": "none",
+            "response_format": {"type": "text"}, "logit_bias": {}, "min_tokens": 0,
+            "function_call": "auto", "user": "u", "unknown_field": 1})
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn completion_prompts_in_every_shape() {
+        let prompt = |value: Value| completion(json!({"prompt": value})).map(|r| r.prompt);
+        assert!(matches!(prompt(json!("a")), Ok(PromptInput::Text(t)) if t == "a"));
+        assert!(matches!(prompt(json!(["a"])), Ok(PromptInput::Text(t)) if t == "a"));
+        assert!(matches!(prompt(json!([1, 2])), Ok(PromptInput::Ids(ids)) if ids == [1, 2]));
+        assert!(matches!(prompt(json!([[3]])), Ok(PromptInput::Ids(ids)) if ids == [3]));
+        assert!(refused(prompt(json!(["a", "b"]))).contains("exactly one"));
+        assert!(refused(prompt(json!([[1], [2]]))).contains("exactly one"));
+    }
+
+    #[test]
+    fn completion_defaults_and_refusals() {
+        let request = completion(json!({"prompt": "a", "logprobs": 3})).unwrap();
+        assert_eq!(
+            request.spec.max_new_tokens,
+            Some(COMPLETIONS_DEFAULT_MAX_TOKENS)
+        );
+        assert_eq!(request.options.logprobs, Some(3));
+        assert_eq!(request.spec.temperature, None);
+        for (extra, word) in [
+            (json!({"echo": true}), "echo"),
+            (json!({"suffix": "z"}), "suffix"),
+            (json!({"best_of": 2}), "best_of"),
+            (json!({"logprobs": 50}), "logprobs"),
+            (json!({"n": 3}), "`n`"),
+        ] {
+            let mut body = json!({"prompt": "a"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert!(refused(completion(body)).contains(word), "{extra}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_do_not_parse() {
+        assert!(serde_json::from_value::<ChatRequest>(json!({"messages": "not a list"})).is_err());
+        assert!(serde_json::from_value::<CompletionRequest>(json!({"prompt": 5})).is_err());
+        assert!(serde_json::from_value::<CompletionRequest>(
+            json!({"prompt": "a", "temperature": "hot"})
+        )
+        .is_err());
+    }
+}
