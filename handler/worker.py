@@ -46,6 +46,7 @@ class WorkerSettings:
     socket_path: str
     snapshot: str
     device: str
+    dtype: str | None
     kv_cache_bytes: int | None
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -70,6 +71,7 @@ class WorkerSettings:
             socket_path=socket_path,
             snapshot=snapshot,
             device=env.get("THAW_DEVICE", "auto"),
+            dtype=env.get("THAW_DTYPE") or None,
             kv_cache_bytes=integer("THAW_KV_CACHE_BYTES", None),
             max_num_seqs=integer("THAW_MAX_NUM_SEQS", 64) or 64,
             max_num_batched_tokens=integer("THAW_MAX_BATCHED_TOKENS", 2048) or 2048,
@@ -139,6 +141,11 @@ def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = None
+    if settings.dtype is not None:
+        dtype = getattr(torch, settings.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"THAW_DTYPE {settings.dtype!r} is not a torch dtype")
     loaded = load_snapshot(settings.snapshot, device=device)
     conn.send(message("phase", name="weights_mapped", ms=_ms()))
     eos = loaded.generation_config.get("eos_token_id", [])
@@ -149,6 +156,7 @@ def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         device=device,
+        dtype=dtype,
     )
     model_config = ModelConfig.from_hf_config(loaded.config)
     engine = LLMEngine(model_config, loaded.weights, eos_ids, config)
