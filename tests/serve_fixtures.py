@@ -57,7 +57,7 @@ def http_status(url: str, timeout: float = 5.0) -> int:
 class Server:
     """One `thaw serve` process; `base_url` is where clients talk to it."""
 
-    snapshot: Path
+    snapshot: Path | str  # a directory, or an s3:// URI that `thaw serve` pulls first
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None

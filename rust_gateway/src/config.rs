@@ -88,7 +88,8 @@ pub struct Config {
     #[arg(long, env = "THAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Exit 0 after this many seconds without requests (scale to zero). Off when unset.
+    /// Exit 0 after this many seconds without requests, counted from ready (scale to zero).
+    /// Off when unset.
     #[arg(long, env = "THAW_IDLE_TIMEOUT")]
     pub idle_timeout_s: Option<f64>,
 

@@ -33,6 +33,11 @@ pub async fn wait_for_stop(app: &AppState, signals: &mut StopSignals) -> &'stati
         };
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
+            // Loading is not idleness (a restart reloads too): the clock starts at ready.
+            if app.readiness.phase() == Phase::Initializing {
+                app.activity.touch();
+                continue;
+            }
             if app.activity.idle_for() >= limit && app.generator.engine().active() == 0 {
                 return;
             }
