@@ -1,0 +1,352 @@
+"""`thaw bench engine`: output tokens/s of our engine against transformers, same model and dtype.
+
+For each concurrency and workload, in one run: thaw's LLMEngine, transformers `generate` (static
+batch), transformers `generate_batch`-style continuous batching (`paged|sdpa`), and a ceiling: the
+same tokens per step as thaw's run pushed through the model's linear layers alone (q, k, v, o,
+gate, up, down per layer, and the LM head for the rows that sample), random inputs.
+
+Workloads: "fixed" (every request the same prompt and output length) and "random" (nano-vllm's
+uniform 100-1024 input/output mix, scaled down by 8). Requests all arrive at once; outputs are
+greedy and ignore EOS so every engine produces the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SNAPSHOT = Path(".thaw/snapshots/default")
+# SmolLM2-135M's shape, used with random weights when no snapshot is built yet.
+SMOLLM2_SHAPE: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@dataclass
+class Workload:
+    name: str
+    concurrency: int
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} c={self.concurrency}"
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass
+class Result:
+    workload: str
+    concurrency: int
+    dtype: str
+    thaw_tok_s: float
+    hf_static_tok_s: float | None
+    hf_cb_tok_s: float | None
+    ceiling_tok_s: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--snapshot", type=Path, default=DEFAULT_SNAPSHOT)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated")
+    parser.add_argument("--workloads", default="fixed,random", help="fixed, random or both")
+    parser.add_argument("--prompt-len", type=int, default=32, help="fixed workload")
+    parser.add_argument("--output-len", type=int, default=64, help="fixed workload")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for every contender"
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="best of N runs per contender")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers peers")
+    parser.add_argument("--quick", action="store_true", help="short outputs, for a smoke run")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    except ValueError:
+        print(f"error: --concurrency must be integers separated by commas: {args.concurrency!r}")
+        return 2
+    workloads = [w for w in args.workloads.split(",") if w]
+    if not concurrencies or min(concurrencies) < 1 or set(workloads) - {"fixed", "random"}:
+        print("error: --concurrency must be >= 1 and --workloads fixed and/or random")
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be >= 1")
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.repeat < 1:
+        print("error: --repeat must be >= 1")
+        return 2
+    if args.quick:
+        args.prompt_len, args.output_len = min(args.prompt_len, 16), min(args.output_len, 16)
+        args.repeat = 1
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    hf_config, weights, source = _load_model(args.snapshot, dtype)
+    _log(args, f"model: {source}, {args.dtype}, {torch.get_num_threads()} threads")
+    hf_model = _hf_model(hf_config, weights, dtype)
+    if weights is None:
+        # Random weights: thaw serves exactly the tensors transformers was initialised with.
+        weights = dict(hf_model.state_dict())
+    engine = _thaw_engine(hf_config, weights, dtype, max(concurrencies))
+    linear = _linear_layers(hf_model)
+    vocab = hf_config["vocab_size"]
+    works = [
+        _workload(name, concurrency, vocab, args)
+        for name in workloads
+        for concurrency in concurrencies
+    ]
+    # thaw first for every workload: transformers' continuous batching leaves state behind
+    # (its manager thread, caches) that must not weigh on the runs it is compared with.
+    thaw: dict[str, float] = {}
+    ceiling: dict[str, float] = {}
+    for work in works:
+        runs = [_run_thaw(engine, work) for _ in range(args.repeat)]
+        thaw[work.key], steps = min(runs, key=lambda run: run[0])
+        replay = partial(_replay_linear, linear, steps, hf_config["hidden_size"], dtype)
+        ceiling[work.key] = _fastest(args.repeat, replay)
+        _log(args, f"{work.key}: thaw {work.output_tokens / thaw[work.key]:.1f} tok/s")
+    static: dict[str, float] = {}
+    cb: dict[str, float] = {}
+    if not args.no_hf:
+        for work in works:
+            static[work.key] = _fastest(args.repeat, partial(_run_hf_static, hf_model, work))
+        for work in works:
+            cb[work.key] = _fastest(args.repeat, partial(_run_hf_cb, hf_model, work))
+    results = [
+        Result(
+            workload=work.name,
+            concurrency=work.concurrency,
+            dtype=args.dtype,
+            thaw_tok_s=round(work.output_tokens / thaw[work.key], 1),
+            hf_static_tok_s=_rate(work, static.get(work.key)),
+            hf_cb_tok_s=_rate(work, cb.get(work.key)),
+            ceiling_tok_s=round(work.output_tokens / ceiling[work.key], 1),
+        )
+        for work in works
+    ]
+    for result in results:
+        _log(args, _describe(result))
+    if args.json:
+        print(json.dumps({"results": [asdict(r) for r in results]}, indent=2))
+    return 0
+
+
+def _fastest(repeat: int, run: Callable[[], float]) -> float:
+    # The machine is shared: a busy neighbour only ever makes a run slower.
+    return min(run() for _ in range(repeat))
+
+
+def _rate(work: Workload, seconds: float | None) -> float | None:
+    return None if seconds is None else round(work.output_tokens / seconds, 1)
+
+
+def _log(args: argparse.Namespace, line: str) -> None:
+    if not args.json:
+        print(line, flush=True)
+
+
+def _describe(r: Result) -> str:
+    def ratio(peer: float | None) -> str:
+        return "-" if not peer else f"{r.thaw_tok_s / peer:.2f}x"
+
+    return (
+        f"{r.workload:>6} c={r.concurrency:<3} thaw {r.thaw_tok_s:8.1f} tok/s | "
+        f"hf static {r.hf_static_tok_s or 0:7.1f} ({ratio(r.hf_static_tok_s)}) | "
+        f"hf cb {r.hf_cb_tok_s or 0:7.1f} ({ratio(r.hf_cb_tok_s)}) | "
+        f"ceiling {r.ceiling_tok_s:7.1f} ({r.thaw_tok_s / r.ceiling_tok_s:.0%})"
+    )
+
+
+def _load_model(
+    snapshot: Path, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, str]:
+    if (snapshot / "config.json").exists():
+        from snapshot.loader import load_snapshot
+
+        snap = load_snapshot(snapshot, "cpu")
+        return snap.config, snap.weights, f"snapshot {snapshot}"
+    return dict(SMOLLM2_SHAPE), None, "random weights, SmolLM2-135M shape (no snapshot found)"
+
+
+def _hf_model(hf_config: dict[str, Any], weights: dict[str, torch.Tensor] | None, dtype):
+    import transformers
+
+    arch = hf_config["architectures"][0]
+    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_class.from_dict(hf_config)
+    model = getattr(transformers, arch)._from_config(config, attn_implementation="sdpa")
+    model = model.to(dtype).eval()
+    if weights is not None:
+        model.load_state_dict(weights, strict=False)
+    return model
+
+
+def _thaw_engine(
+    hf_config: dict[str, Any], weights: dict[str, torch.Tensor], dtype: torch.dtype, max_seqs: int
+):
+    from handler.engine import EngineConfig, LLMEngine, ModelConfig
+
+    config = EngineConfig(max_num_seqs=max_seqs, dtype=dtype, kv_cache_bytes=1 << 30)
+    return LLMEngine(ModelConfig.from_hf_config(hf_config), weights, [], config)
+
+
+def _workload(name: str, concurrency: int, vocab: int, args: argparse.Namespace) -> Workload:
+    rng = random.Random(concurrency)
+    if name == "fixed":
+        prompt_lens = [args.prompt_len] * concurrency
+        output_lens = [args.output_len] * concurrency
+    else:
+        # nano-vllm draws both from 100..1024; a 2-core CPU gets an eighth of that.
+        low, high = (12, 128) if not args.quick else (4, 32)
+        prompt_lens = [rng.randint(low, high) for _ in range(concurrency)]
+        output_lens = [rng.randint(low, high) for _ in range(concurrency)]
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in prompt_lens]
+    return Workload(name, concurrency, prompts, output_lens)
+
+
+def _run_thaw(engine, work: Workload) -> tuple[float, list[tuple[int, int]]]:
+    """Seconds for the whole workload, and (tokens, sampled rows) of every step."""
+    from handler.engine import SamplingParams
+
+    def submit() -> None:
+        for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens, strict=True)):
+            params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+            engine.add_request(i, prompt, params)
+
+    engine.generate([work.prompts[0][:8]], _warmup_params())
+    steps: list[tuple[int, int]] = []
+    start = time.perf_counter()
+    submit()
+    produced = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        produced += len(outputs)
+        steps.append((engine.stats().last_step_tokens, len(outputs)))
+    elapsed = time.perf_counter() - start
+    if produced != work.output_tokens:
+        raise RuntimeError(f"thaw produced {produced} tokens, expected {work.output_tokens}")
+    return elapsed, steps
+
+
+def _warmup_params():
+    from handler.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def _run_hf_static(model, work: Workload) -> float:
+    width = max(len(p) for p in work.prompts)
+    pad = 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in work.prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in work.prompts])
+    longest = max(work.output_lens)
+    with torch.inference_mode():
+        model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=pad)
+        start = time.perf_counter()
+        # A static batch runs until its longest request is done; only requested tokens count.
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        return time.perf_counter() - start
+
+
+def _run_hf_cb(model, work: Workload) -> float:
+    from transformers import GenerationConfig
+
+    model.set_attn_implementation("paged|sdpa")
+    try:
+        config = GenerationConfig(
+            max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1
+        )
+        # No inference_mode here: transformers' generation thread updates its tensors in place.
+        with model.continuous_batching_context_manager(
+            generation_config=config, block=True, timeout=5
+        ) as manager:
+            start = time.perf_counter()
+            for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens, strict=True)):
+                manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
+            finished = 0
+            while finished < len(work.prompts):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    finished += 1
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching loop stopped")
+            return time.perf_counter() - start
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _linear_layers(model) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """The model's per-layer projection weights, in order, and its LM head."""
+    layers = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            [
+                attn.q_proj.weight,
+                attn.k_proj.weight,
+                attn.v_proj.weight,
+                attn.o_proj.weight,
+                mlp.gate_proj.weight,
+                mlp.up_proj.weight,
+                mlp.down_proj.weight,
+            ]
+        )
+    return layers, model.lm_head.weight
+
+
+def _replay_linear(
+    linear: tuple[list[list[torch.Tensor]], torch.Tensor],
+    steps: list[tuple[int, int]],
+    hidden: int,
+    dtype: torch.dtype,
+) -> float:
+    layers, lm_head = linear
+    intermediate = layers[0][6].shape[1]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for tokens, sampled in steps:
+            x = torch.randn(tokens, hidden, dtype=dtype)
+            act = torch.randn(tokens, intermediate, dtype=dtype)
+            for q, k, v, o, gate, up, down in layers:
+                F.linear(x, q), F.linear(x, k), F.linear(x, v), F.linear(x, o)
+                F.linear(x, gate), F.linear(x, up), F.linear(act, down)
+            if sampled:
+                F.linear(x[:sampled], lm_head)
+        return time.perf_counter() - start

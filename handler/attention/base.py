@@ -1,0 +1,66 @@
+"""The attention-backend interface: what a backend gets each step and what it must do.
+
+A step's tokens are laid out flat. The first `num_decode_tokens` tokens are decodes (one query
+token per sequence); after them come prefill chunks (one or more query tokens per sequence).
+Sequence i owns query tokens query_start_loc[i]:query_start_loc[i+1] and, after this step's
+keys/values are written, context_lens[i] tokens of KV in the paged cache (its earlier tokens
+followed by this step's). Its query tokens are the last ones of that context.
+
+Paged KV cache, per layer: k_cache and v_cache of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. Token j of sequence i lives in block block_tables[i, j // block_size] at offset
+j % block_size; slot_mapping gives each query token's flat slot (block * block_size + offset),
+-1 for padding tokens that must not be written.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_seqs: int
+    num_decode_tokens: int  # == number of decode sequences; they come first
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    context_lens: torch.Tensor  # [num_seqs] int32, KV length after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_query_len: int
+    max_context_len: int
+    block_size: int
+    # The same offsets and lengths as Python lists, so CPU-side loops need no device sync.
+    query_start_loc_host: list[int]
+    context_lens_host: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_host[-1]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+
+class AttentionBackend(ABC):
+    """Writes a layer's new keys/values into the paged cache and attends over the context."""
+
+    name: str = "abstract"
+
+    def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
+        """Called once per step before the first layer; backends cache per-step indices here."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Return the attention output [num_tokens, num_heads, head_dim] (causal, GQA)."""

@@ -1,0 +1,215 @@
+"""The engine's in-process API: add requests, step, abort, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from handler.attention import create_backend
+from handler.engine.block_manager import BlockManager
+from handler.engine.kv_cache import allocate_kv_caches, resolve_num_blocks
+from handler.engine.params import EngineConfig, EngineStats, SamplingParams, TokenOutput
+from handler.engine.runner import ModelRunner
+from handler.engine.sampler import Sampler
+from handler.engine.scheduler import Scheduler
+from handler.engine.sequence import Sequence
+from handler.model import LlamaModel, MissingWeightError, ModelConfig
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        eos_token_ids: list[int],
+        config: EngineConfig,
+    ) -> None:
+        if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.model_config = model_config
+        self.config = config
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self._eos = set(eos_token_ids)
+        device = torch.device(config.device)
+        if "model.embed_tokens.weight" not in weights:
+            raise MissingWeightError("weight 'model.embed_tokens.weight' is missing")
+        dtype = config.dtype or weights["model.embed_tokens.weight"].dtype
+        context = model_config.max_position_embeddings
+        if config.max_model_len is not None:
+            context = min(context, config.max_model_len)
+        self.num_blocks = resolve_num_blocks(
+            model_config,
+            config.block_size,
+            dtype,
+            config.num_kv_blocks,
+            config.kv_cache_bytes,
+            config.max_num_seqs,
+            context,
+        )
+        # One sequence must always fit in the whole cache, or preemption could never end.
+        self.max_model_len = min(context, self.num_blocks * config.block_size)
+        model = LlamaModel(
+            model_config, weights, dtype, device, create_backend(config.attention_backend), context
+        )
+        kv_caches = allocate_kv_caches(
+            model_config, self.num_blocks, config.block_size, dtype, device
+        )
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler())
+        self.device = device
+        self.dtype = dtype
+        self._live: dict[int, Sequence] = {}
+        self._steps = 0
+        self._prompt_tokens_computed = 0
+        self._generated_tokens = 0
+        self._last_step_tokens = 0
+        self._last_step_seqs = 0
+        self._weight_backing: list[object] = []
+
+    @classmethod
+    def from_snapshot(cls, path: str | Path, config: EngineConfig) -> LLMEngine:
+        from snapshot.loader import load_snapshot
+
+        snap = load_snapshot(path, config.device)
+        eos = snap.generation_config.get("eos_token_id", snap.config.get("eos_token_id"))
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        engine = cls(ModelConfig.from_hf_config(snap.config), snap.weights, eos_ids, config)
+        # Weights may be views of the snapshot's mapped files: keep the mappings alive.
+        engine._weight_backing = snap.backing
+        return engine
+
+    def add_request(
+        self, request_id: int, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; ValueError (engine unchanged) when it cannot be served."""
+        if request_id in self._live:
+            raise ValueError(f"request {request_id} is already running")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate(self.model_config.vocab_size)
+        self._validate_prompt(prompt_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_token_ids, params, generator)
+        self._live[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate_prompt(self, prompt: list[int]) -> None:
+        if not isinstance(prompt, list | tuple) or not prompt:
+            raise ValueError("the prompt must be a non-empty list of token ids")
+        if not all(type(t) is int for t in prompt):
+            raise ValueError("prompt token ids must be integers")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the context limit is {self.max_model_len} "
+                "tokens, prompt and at least one new token included"
+            )
+
+    def step(self) -> list[TokenOutput]:
+        """Run one scheduler step; one output per request that produced a token or finished."""
+        with torch.inference_mode():
+            batch = self.scheduler.schedule()
+            if not batch.items:
+                return []
+            sampled, result = self.runner.run(batch.items)
+        self._steps += 1
+        self._last_step_tokens = batch.num_tokens
+        self._last_step_seqs = len(batch.items)
+        for seq, num_new in batch.items:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self._prompt_tokens_computed += num_new
+            seq.num_computed_tokens += num_new
+            self.block_manager.register_full_blocks(seq)
+        if result is None:
+            return []
+        outputs = []
+        for row, seq in enumerate(sampled):
+            token = result.token_ids[row]
+            seq.token_ids.append(token)
+            self._generated_tokens += 1
+            finish = self._finish_reason(seq, token)
+            if finish is not None:
+                self._finish(seq)
+            outputs.append(
+                TokenOutput(
+                    seq.request_id,
+                    token,
+                    result.logprobs[row],
+                    result.top_logprobs[row],
+                    finish,
+                )
+            )
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return "eos_token"
+        if token in self._eos and not params.ignore_eos:
+            return "eos_token"
+        if seq.num_output_tokens >= params.max_new_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        del self._live[seq.request_id]
+
+    def abort(self, request_id: int) -> TokenOutput | None:
+        """Stop a request and free its blocks; None when it is not live."""
+        seq = self._live.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq)
+        return TokenOutput(request_id, None, None, None, "cancelled")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_used_blocks=self.block_manager.num_used_blocks,
+            kv_total_blocks=self.num_blocks,
+            prefix_hit_tokens=self.block_manager.prefix_hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            steps=self._steps,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            generated_tokens=self._generated_tokens,
+            last_step_tokens=self._last_step_tokens,
+            last_step_seqs=self._last_step_seqs,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Run the prompts to completion on an idle engine; their generated token ids, in order."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; use add_request/step instead")
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+                self.add_request(i, prompt, p)
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.token_id is not None:
+                        results[out.request_id].append(out.token_id)
+        finally:
+            for i in range(len(prompts)):
+                self.abort(i)
+        return [results[i] for i in range(len(prompts))]

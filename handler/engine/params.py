@@ -1,0 +1,119 @@
+"""Plain data crossing the engine's API: request parameters, engine settings, outputs, stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+# Below this, dividing logits by the temperature overflows float32; it is greedy anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0.0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int = 0  # top-n logprobs per token (0 = the chosen token's only)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first bad field."""
+        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_float("temperature", self.temperature, low=0.0)
+        _check_int("top_k", self.top_k, low=0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0)
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be > 0 (use temperature=0 for greedy decoding)")
+        _check_float("min_p", self.min_p, low=0.0, high=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=0.0)
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0")
+        _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise ValueError("stop_token_ids must be a list of token ids")
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids[]", token, low=0, high=vocab_size - 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _check_int("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: object, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # wins over kv_cache_bytes when both are set
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # None = the weights' dtype
+    attention_backend: str = "torch"  # a name in handler.attention.BACKENDS
+
+
+@dataclass
+class TokenOutput:
+    request_id: int
+    token_id: int | None  # None when the request ended without a new token (cancelled)
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    # "eos_token" (an EOS or stop token id, included) | "length" | "cancelled"
+    finish_reason: str | None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_used_blocks: int
+    kv_total_blocks: int
+    prefix_hit_tokens: int  # prompt tokens served from the prefix cache, cumulative
+    preemptions: int  # cumulative
+    steps: int
+    prompt_tokens_computed: int  # cumulative, recomputation after preemption included
+    generated_tokens: int  # cumulative
+    last_step_tokens: int  # tokens pushed through the model in the latest step
+    last_step_seqs: int
