@@ -5,9 +5,11 @@ Sections:
 - h2d: pinned (and pageable) host-to-device bandwidth, and the device-to-device copy ceiling;
 - kernels: the Triton kernels against the torch reference at serving sizes, then their speed
   (decode as GB/s of KV read, prefill as TFLOP/s, beside torch SDPA on a dense layout);
-- graphs: decode at batch 1 with and without CUDA graphs (the engine's Llama model, Triton backend);
+- graphs: decode at batch 1 with and without CUDA graphs (the engine's Llama model, Triton backend),
+  and the same through the whole engine (its own graph path against cuda_graph_max_batch=0);
 - throughput: nano-vllm's shape (256 sequences, prompt and output lengths uniform in 100-1024)
-  through the engine, and the same prompts through transformers `generate_batch` (paged|sdpa);
+  through the engine (its KV sizing, attention choice and decode graphs), and the same prompts
+  through transformers `generate_batch` (paged|sdpa);
 - coldstart: a fresh worker process, exec -> first token, with its timeline.
 
 Models are random-weight (same shapes as SmolLM2-135M and a ~1B Llama), built on the device:
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from bench.gpu_models import MODELS, engine_backend, make_random_snapshot, random_hf_model
+from bench.gpu_models import MODELS, make_random_snapshot, random_hf_model
 from bench.gpu_summary import print_summary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,22 +191,15 @@ def section_graphs(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.models:
         results |= {f"{name}_{k}": v for k, v in _graphs_for_model(MODELS[name], args).items()}
         _release(device)
+        results |= {f"{name}_{k}": v for k, v in _engine_decode_b1(MODELS[name], args).items()}
+        _release(device)
     return results
-
-
-class _BoundModel:
-    """The engine's model with its KV caches bound: the DecodeModel the graph runner wants."""
-
-    def __init__(self, model: Any, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.model, self.caches = model, caches
-
-    def forward(self, input_ids, positions, attn_metadata):
-        return self.model.forward(input_ids, positions, attn_metadata, self.caches)
 
 
 def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from handler.attention.triton_paged import TritonPagedBackend
     from handler.engine.kv_cache import allocate_kv_caches
+    from handler.engine.runner import BoundModel
     from handler.model import LlamaModel, ModelConfig
     from warmup.cuda_graphs import (
         CudaGraphDecodeRunner,
@@ -223,7 +218,7 @@ def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str,
     for k_cache, v_cache in caches:
         k_cache.normal_()
         v_cache.normal_()
-    bound = _BoundModel(model, caches)
+    bound = BoundModel(model, caches)
     # Off CUDA (a --tiny dry run) the graphs are replayed eagerly: the flow, not the speed.
     capture = capture_cuda_graph if device.type == "cuda" else capture_eagerly
     runner = CudaGraphDecodeRunner(
@@ -267,6 +262,56 @@ def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str,
     out["b1_eager_ms"] = eager_s * 1e3
     out["b1_graph_ms"] = graph_s * 1e3
     out["b1_graph_speedup"] = eager_s / graph_s
+    return out
+
+
+def _engine_decode_b1(hf: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One sequence decoding through LLMEngine.step, with the engine's decode graphs and without:
+    what a lone request sees, scheduling and sampling included."""
+    from handler.engine.llm_engine import LLMEngine
+    from handler.engine.params import EngineConfig, SamplingParams
+    from handler.model import ModelConfig
+    from warmup.cuda_graphs import capture_eagerly
+
+    device = torch.device(args.device)
+    cfg = ModelConfig.from_hf_config(hf)
+    weights = random_hf_model(hf, device, torch.bfloat16).state_dict()
+    prompt = [random.Random(1).randrange(hf["vocab_size"]) for _ in range(32 if args.tiny else 512)]
+    new_tokens = 8 if args.tiny else 128
+    out: dict[str, Any] = {}
+    for graph_batch in (0, args.max_graph_batch):
+        config = EngineConfig(
+            num_kv_blocks=256,
+            max_num_seqs=max(args.max_graph_batch, 1),
+            max_model_len=2048,
+            device=str(device),
+            dtype=torch.bfloat16,
+            attention_backend="triton",
+            cuda_graph_max_batch=graph_batch,
+        )
+        engine = LLMEngine(cfg, weights, [], config)
+        if device.type != "cuda" and graph_batch:
+            # A --tiny dry run: the engine's graph path with capture replaced by eager replay.
+            engine.runner.capture_decode_graphs(
+                graph_batch, -(-engine.max_model_len // 16), capture_fn=capture_eagerly
+            )
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        for _ in range(2):  # the first run compiles the kernels
+            engine.add_request(0, prompt, params)
+            engine.step()  # the prefill (and the first token)
+            sync(device)
+            start = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            sync(device)
+            seconds = time.perf_counter() - start
+        label = "graph" if graph_batch else "eager"
+        out[f"engine_b1_{label}_ms"] = seconds * 1e3 / (new_tokens - 1)
+        if graph_batch:
+            out["engine_b1_graph_steps"] = engine.runner.graph_steps
+        del engine
+        _release(device)
+    out["engine_b1_graph_speedup"] = out["engine_b1_eager_ms"] / out["engine_b1_graph_ms"]
     return out
 
 
@@ -316,25 +361,26 @@ def thaw_throughput(
     from handler.engine.llm_engine import LLMEngine
     from handler.engine.params import EngineConfig, SamplingParams
     from handler.model import ModelConfig
-    from warmup.kv_sizing import GIB, KVCacheShape, size_from_byte_budget, size_on_device
+    from warmup.kv_sizing import GIB
 
     cfg = ModelConfig.from_hf_config(hf_config)
-    shape = KVCacheShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, 2)
-    if device.type == "cuda":
-        sizing = size_on_device(device, shape, memory_fraction=0.5)
-    else:
-        sizing = size_from_byte_budget(GIB // 4, shape)
+    # On CUDA the engine sizes its cache from the free memory (half of it: transformers' run
+    # follows on the same GPU) and captures decode graphs up to the full batch; off CUDA a
+    # fixed budget, no graphs.
     config = EngineConfig(
         block_size=16,
-        kv_cache_bytes=sizing.kv_cache_bytes,
+        kv_cache_bytes=None if device.type == "cuda" else GIB // 4,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=8192,
         max_model_len=2048,
         device=str(device),
         dtype=torch.bfloat16,
-        attention_backend=engine_backend(device),
+        gpu_memory_fraction=0.5,
+        cuda_graph_max_batch=max_num_seqs,
     )
+    started = time.perf_counter()
     engine = LLMEngine(cfg, weights, [], config)
+    start_s = time.perf_counter() - started
     # Warm-up: compile the kernels for prefill and decode shapes outside the timing.
     engine.add_request(-1, prompts[0][:50], SamplingParams(max_new_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
@@ -350,7 +396,15 @@ def thaw_throughput(
         generated += sum(1 for o in engine.step() if o.token_id is not None)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"tok_s": generated / seconds, "tokens": generated, "seconds": seconds}
+    return {
+        "tok_s": generated / seconds,
+        "tokens": generated,
+        "seconds": seconds,
+        "engine_start_s": start_s,
+        "kv_blocks": engine.num_blocks,
+        "graphs": len(engine.graph_timings),
+        "graph_step_share": engine.runner.graph_steps / max(engine.stats().steps, 1),
+    }
 
 
 def hf_throughput(model, prompts: list[list[int]], max_new_tokens: int) -> dict[str, float]:
@@ -396,6 +450,8 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
         run = thaw_throughput(hf, weights, prompts, out_lens, device, max_num_seqs=args.seqs)
         results[f"{name}_thaw_nano_tok_s"] = run["tok_s"]
         results[f"{name}_thaw_nano_s"] = run["seconds"]
+        for key in ("engine_start_s", "kv_blocks", "graphs", "graph_step_share"):
+            results[f"{name}_thaw_{key}"] = run[key]
         _release(device)
         # Side by side with generate_batch on a subset, one output length for all (its API).
         subset, fixed = prompts[: args.hf_seqs], (low + high) // 2
@@ -458,16 +514,22 @@ def coldstart_child(snapshot: str, device_name: str) -> dict[str, Any]:
 
     marks["imports"] = time.time() - t0
     device = torch.device(device_name)
-    config = EngineConfig(device=device_name, attention_backend=engine_backend(device))
-    engine = LLMEngine.from_snapshot(snapshot, config)
+    config = EngineConfig(device=device_name)  # the worker's defaults: auto backend, graphs
+
+    def phase(name: str) -> None:
+        marks[name] = time.time() - t0
+
+    engine = LLMEngine.from_snapshot(snapshot, config, on_phase=phase)
     sync(device)
     marks["engine_ready"] = time.time() - t0
+    # The first start on this GPU kind measures and records; the next reads the warm profile.
+    profile = engine.device_start.plan.from_profile if engine.device_start else None
     engine.add_request(0, [1, 2, 3, 4, 5], SamplingParams(max_new_tokens=1, temperature=0.0))
     while engine.has_unfinished():
         engine.step()
     sync(device)
     marks["first_token"] = time.time() - t0
-    return {f"{k}_s": v for k, v in marks.items()}
+    return {f"{k}_s": v for k, v in marks.items()} | {"warm_profile_reused": profile}
 
 
 # ---------------------------------------------------------------- CLI

@@ -60,20 +60,6 @@ def random_hf_model(config: dict[str, Any], device: torch.device, dtype: torch.d
     return model.to(dtype).eval()
 
 
-def engine_backend(device: torch.device) -> str:
-    """The attention backend name for the engine on this device.
-
-    NEEDS ENGINE INTEGRATION: handler/attention/registry.py lists only "torch" so far. Until it
-    lists "triton", the bench registers it for this process only.
-    """
-    if device.type != "cuda":
-        return "torch"
-    from handler.attention import registry
-
-    registry.BACKENDS.setdefault("triton", "handler.attention.triton_paged:TritonPagedBackend")
-    return "triton"
-
-
 def make_random_snapshot(model_name: str, out: Path) -> None:
     """Build a snapshot of a random-weight model of the given shape (no model hub is reachable
     from the device): a Hugging Face directory with a small word-level tokenizer, then

@@ -75,10 +75,19 @@ def summary_rows(out_dir: Path) -> list[tuple[str, str, str]]:
                 ">= 2x",
             )
         )
+        rows.append(
+            (
+                f"{model} engine decode b1 eager/graph",
+                f"{fmt(graphs.get(f'{model}_engine_b1_eager_ms'), ' ms')} / "
+                f"{fmt(graphs.get(f'{model}_engine_b1_graph_ms'), ' ms')} = "
+                f"{fmt(graphs.get(f'{model}_engine_b1_graph_speedup'), 'x')}",
+                ">= 2x",
+            )
+        )
         anchor = f"nano-vllm A100 1B: {NANO_VLLM_A100_1B_TOK_S}" if model == "llama-1b" else ""
         rows.append(
             (
-                f"{model} nano-vllm shape (eager engine)",
+                f"{model} nano-vllm shape (engine, decode graphs)",
                 fmt(tput.get(f"{model}_thaw_nano_tok_s"), " tok/s", 4),
                 anchor,
             )

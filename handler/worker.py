@@ -51,9 +51,21 @@ class WorkerSettings:
     max_num_seqs: int
     max_num_batched_tokens: int
     block_size: int
+    attention_backend: str
+    gpu_memory_fraction: float
+    cuda_graph_max_batch: int
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> WorkerSettings:
+        def number(name: str, default: float) -> float:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
         def integer(name: str, default: int | None) -> int | None:
             raw = env.get(name)
             if raw in (None, ""):
@@ -76,6 +88,9 @@ class WorkerSettings:
             max_num_seqs=integer("THAW_MAX_NUM_SEQS", 64) or 64,
             max_num_batched_tokens=integer("THAW_MAX_BATCHED_TOKENS", 2048) or 2048,
             block_size=integer("THAW_BLOCK_SIZE", 16) or 16,
+            attention_backend=env.get("THAW_ATTENTION_BACKEND") or "auto",
+            gpu_memory_fraction=number("THAW_GPU_MEMORY_FRACTION", 0.9),
+            cuda_graph_max_batch=integer("THAW_CUDA_GRAPH_MAX_BATCH", 64) or 0,
         )
 
 
@@ -157,10 +172,19 @@ def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         device=device,
         dtype=dtype,
+        attention_backend=settings.attention_backend,
+        gpu_memory_fraction=settings.gpu_memory_fraction,
+        cuda_graph_max_batch=settings.cuda_graph_max_batch,
+        snapshot_dir=settings.snapshot,  # where the warm profile is read and recorded
     )
     model_config = ModelConfig.from_hf_config(loaded.config)
-    engine = LLMEngine(model_config, loaded.weights, eos_ids, config)
-    conn.send(message("phase", name="kv_allocated", ms=_ms()))
+    engine = LLMEngine(
+        model_config,
+        loaded.weights,
+        eos_ids,
+        config,
+        on_phase=lambda name: conn.send(message("phase", name=name, ms=_ms())),
+    )
     stats = engine.stats()
     conn.send(
         message(
@@ -173,7 +197,10 @@ def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
             eos_token_ids=eos_ids,
         )
     )
-    log(f"ready in {_ms():.0f} ms on {device}: {stats.kv_total_blocks} KV blocks")
+    log(
+        f"ready in {_ms():.0f} ms on {device}: {stats.kv_total_blocks} KV blocks, "
+        f"{engine.attention_backend} attention, {len(engine.graph_timings)} decode graphs"
+    )
     return engine
 
 

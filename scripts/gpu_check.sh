@@ -53,10 +53,11 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the budget le
 } 2>&1 | tee "$OUT/env.txt"
 
 # 1. Correctness on CUDA: the Triton kernels compiled (not interpreted) against the reference,
-#    and the warm-up package (capture runs on the real CUDA graph path there).
+#    the warm-up package (capture runs on the real CUDA graph path there), and the engine's own
+#    CUDA start: KV sized from free memory, decode graphs captured and replayed.
 step "pytest" 180 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_triton_attention.py tests/test_warmup_kv_sizing.py tests/test_warmup_cuda_graphs.py \
-  tests/test_warmup_warm_profile.py tests/test_warmup_warm_start.py
+  tests/test_warmup_warm_profile.py tests/test_warmup_warm_start.py tests/test_engine_gpu_path.py
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 1 >"$OUT/pytest.log"
 echo "   pytest: $(cat "$OUT/pytest.log")"
 

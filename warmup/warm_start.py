@@ -57,7 +57,7 @@ class StartPlan:
 
 
 def plan_start(
-    snapshot_dir: str | Path,
+    snapshot_dir: str | Path | None,
     gpu: GpuKind,
     settings: WarmSettings,
     cache: KVCacheShape,
@@ -66,9 +66,12 @@ def plan_start(
     min_blocks: int = 1,
 ) -> StartPlan:
     """KV blocks and capture sizes for this start: from the stored profile when it matches this
-    GPU kind and settings, else measured (measure_step_bytes runs the profiling step)."""
+    GPU kind and settings, else measured (measure_step_bytes runs the profiling step). Without a
+    snapshot directory there is no profile to read: it measures. max_batch 0 captures nothing."""
     started = time.perf_counter()
-    profile = read_warm_profile(snapshot_dir, gpu.key, settings)
+    profile = None
+    if snapshot_dir is not None:
+        profile = read_warm_profile(snapshot_dir, gpu.key, settings)
     if profile is not None:
         log.info(
             "warm profile for %s: %d KV blocks, no profiling pass", gpu.key, profile.num_kv_blocks
@@ -87,7 +90,7 @@ def plan_start(
     log.info("measured on %s: %s", gpu.key, sizing.describe())
     return StartPlan(
         sizing.num_blocks,
-        capture_sizes(settings.max_batch),
+        capture_sizes(settings.max_batch) if settings.max_batch else [],
         headroom,
         from_profile=False,
         seconds=time.perf_counter() - started,
@@ -95,14 +98,14 @@ def plan_start(
 
 
 def record_start(
-    snapshot_dir: str | Path,
+    snapshot_dir: str | Path | None,
     gpu: GpuKind,
     settings: WarmSettings,
     plan: StartPlan,
     captures: list[CaptureTiming],
 ) -> bool:
     """Store a freshly measured plan (and how long its captures took) for the next start."""
-    if plan.from_profile:
+    if plan.from_profile or snapshot_dir is None:
         return False
     timings = {"planning": plan.seconds} | {f"capture_b{c.batch}": c.seconds for c in captures}
     profile = WarmProfile(

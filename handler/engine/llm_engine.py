@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from handler.attention import create_backend
+from handler.attention.registry import GRAPH_SAFE_BACKENDS, resolve_backend_name
 from handler.engine.block_manager import BlockManager
 from handler.engine.kv_cache import allocate_kv_caches, resolve_num_blocks
 from handler.engine.params import EngineConfig, EngineStats, SamplingParams, TokenOutput
-from handler.engine.runner import ModelRunner
+from handler.engine.runner import ModelRunner, profile_step
 from handler.engine.sampler import Sampler
 from handler.engine.scheduler import Scheduler
 from handler.engine.sequence import Sequence
 from handler.model import LlamaModel, MissingWeightError, ModelConfig
+from warmup.cuda_graphs import CaptureTiming
+from warmup.engine_start import (
+    DeviceStart,
+    DeviceStartConfig,
+    cuda_free_bytes,
+    measured_headroom,
+    plan_device_start,
+)
+from warmup.kv_sizing import KVCacheShape
+from warmup.warm_start import GpuKind
 
 
 class LLMEngine:
@@ -24,9 +37,21 @@ class LLMEngine:
         weights: dict[str, torch.Tensor],
         eos_token_ids: list[int],
         config: EngineConfig,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
+        """on_phase(name) is called as start-up phases end: "kv_allocated", then
+        "graphs_captured" when decode graphs were captured (docs/protocol.md names)."""
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        # Checked on every device so a CPU-tested config cannot fail first on the GPU.
+        start_config = DeviceStartConfig(
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.gpu_memory_fraction,
+            config.cuda_graph_max_batch,
+            config.snapshot_dir,
+        )
         self.model_config = model_config
         self.config = config
         self.eos_token_ids = sorted(set(eos_token_ids))
@@ -38,23 +63,35 @@ class LLMEngine:
         context = model_config.max_position_embeddings
         if config.max_model_len is not None:
             context = min(context, config.max_model_len)
-        self.num_blocks = resolve_num_blocks(
-            model_config,
-            config.block_size,
-            dtype,
-            config.num_kv_blocks,
-            config.kv_cache_bytes,
-            config.max_num_seqs,
-            context,
+        self.attention_backend = resolve_backend_name(
+            config.attention_backend, device, config.block_size
         )
+        model = LlamaModel(
+            model_config, weights, dtype, device, create_backend(self.attention_backend), context
+        )
+        # On CUDA without an explicit size: the memory left after the weights, or the warm profile.
+        self.device_start: DeviceStart | None = None
+        if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_bytes is None:
+            with torch.inference_mode():
+                self.device_start = _plan_device_start(model, start_config, context)
+            self.num_blocks = self.device_start.num_kv_blocks
+        else:
+            self.num_blocks = resolve_num_blocks(
+                model_config,
+                config.block_size,
+                dtype,
+                config.num_kv_blocks,
+                config.kv_cache_bytes,
+                config.max_num_seqs,
+                context,
+            )
         # One sequence must always fit in the whole cache, or preemption could never end.
         self.max_model_len = min(context, self.num_blocks * config.block_size)
-        model = LlamaModel(
-            model_config, weights, dtype, device, create_backend(config.attention_backend), context
-        )
         kv_caches = allocate_kv_caches(
             model_config, self.num_blocks, config.block_size, dtype, device
         )
+        if on_phase is not None:
+            on_phase("kv_allocated")
         self.block_manager = BlockManager(
             self.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -62,6 +99,13 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler())
+        self.graph_timings: list[CaptureTiming] = []
+        if device.type == "cuda" and self.attention_backend in GRAPH_SAFE_BACKENDS:
+            self.graph_timings = self._capture_decode_graphs(start_config.graph_max_batch)
+            if self.graph_timings and on_phase is not None:
+                on_phase("graphs_captured")
+        if self.device_start is not None:
+            self.device_start.record(self.graph_timings)
         self.device = device
         self.dtype = dtype
         self._live: dict[int, Sequence] = {}
@@ -72,14 +116,37 @@ class LLMEngine:
         self._last_step_seqs = 0
         self._weight_backing: list[object] = []
 
+    def _capture_decode_graphs(self, max_batch: int) -> list[CaptureTiming]:
+        """Decode graphs up to max_batch (none for 0), at the warm profile's sizes if it has them;
+        after the KV cache is allocated, since the graphs address it."""
+        if max_batch == 0:
+            return []
+        plan = self.device_start.plan if self.device_start else None
+        with torch.inference_mode():
+            return self.runner.capture_decode_graphs(
+                max_batch,
+                -(-self.max_model_len // self.config.block_size),
+                plan.capture_sizes if plan and plan.capture_sizes else None,
+            )
+
     @classmethod
-    def from_snapshot(cls, path: str | Path, config: EngineConfig) -> LLMEngine:
+    def from_snapshot(
+        cls,
+        path: str | Path,
+        config: EngineConfig,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> LLMEngine:
         from snapshot.loader import load_snapshot
 
         snap = load_snapshot(path, config.device)
+        if config.snapshot_dir is None:
+            # The warm profile lives in this snapshot's manifest.
+            config = replace(config, snapshot_dir=str(path))
         eos = snap.generation_config.get("eos_token_id", snap.config.get("eos_token_id"))
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        engine = cls(ModelConfig.from_hf_config(snap.config), snap.weights, eos_ids, config)
+        engine = cls(
+            ModelConfig.from_hf_config(snap.config), snap.weights, eos_ids, config, on_phase
+        )
         # Weights may be views of the snapshot's mapped files: keep the mappings alive.
         engine._weight_backing = snap.backing
         return engine
@@ -213,3 +280,37 @@ class LLMEngine:
             for i in range(len(prompts)):
                 self.abort(i)
         return [results[i] for i in range(len(prompts))]
+
+
+def _plan_device_start(
+    model: LlamaModel, start_config: DeviceStartConfig, max_seq_len: int
+) -> DeviceStart:
+    """KV blocks on CUDA: measured (a profiling step at the largest batch, then the free memory)
+    or taken from the snapshot's warm profile for this GPU kind."""
+    cfg = model.config
+    device = model.device
+    cache = KVCacheShape(
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        start_config.block_size,
+        torch.empty((), dtype=model.dtype).element_size(),
+    )
+
+    def largest_step() -> None:
+        profile_step(
+            model,
+            start_config.block_size,
+            start_config.max_num_batched_tokens,
+            start_config.max_num_seqs,
+            max_seq_len,
+        )
+
+    return plan_device_start(
+        start_config,
+        cache,
+        model.dtype,
+        GpuKind.of(device),
+        lambda: measured_headroom(largest_step, device),
+        lambda: cuda_free_bytes(device),
+    )

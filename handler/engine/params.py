@@ -91,7 +91,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None = the weights' dtype
-    attention_backend: str = "torch"  # a name in handler.attention.BACKENDS
+    # "auto" (flash or triton on CUDA, torch off it) or a name in handler.attention.BACKENDS
+    attention_backend: str = "auto"
+    # On CUDA, without num_kv_blocks/kv_cache_bytes: the share of the memory free after the
+    # weights that the KV cache and one step's activations may take.
+    gpu_memory_fraction: float = 0.9
+    cuda_graph_max_batch: int = 64  # decode CUDA graphs up to this batch; 0 = off (CUDA only)
+    snapshot_dir: str | None = None  # where the warm profile is read and recorded, if any
 
 
 @dataclass

@@ -1,13 +1,38 @@
-"""Turns a scheduled batch into model inputs, runs the model and samples."""
+"""Turns a scheduled batch into model inputs, runs the model and samples.
+
+Decode-only steps replay a captured CUDA graph when one holds the batch (capture_decode_graphs);
+every other step, and every step before capture, runs eagerly.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from handler.attention.base import AttentionMetadata
+from handler.engine.kv_cache import allocate_kv_caches
 from handler.engine.sampler import Sampler, SampleResult
 from handler.engine.sequence import Sequence
 from handler.model import KVCaches, LlamaModel
+from warmup.cuda_graphs import (
+    CaptureFn,
+    CaptureTiming,
+    CudaGraphDecodeRunner,
+    DecodeInputs,
+    capture_cuda_graph,
+)
+
+
+class BoundModel:
+    """The model with the engine's KV caches bound: the DecodeModel the graph runner drives."""
+
+    def __init__(self, model: LlamaModel, kv_caches: KVCaches) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model.forward(input_ids, positions, attn_metadata, self.kv_caches)
 
 
 class ModelRunner:
@@ -19,6 +44,29 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = model.device
+        self.graphs: CudaGraphDecodeRunner | None = None
+        self.graph_steps = 0  # steps served by a graph replay, for stats and tests
+
+    def capture_decode_graphs(
+        self,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        sizes: list[int] | None = None,
+        capture_fn: CaptureFn = capture_cuda_graph,
+    ) -> list[CaptureTiming]:
+        """Capture decode graphs (after the KV cache is allocated; capture writes no KV) and
+        replay them from now on. The backend must be graph-safe (registry.GRAPH_SAFE_BACKENDS)."""
+        graphs = CudaGraphDecodeRunner(
+            BoundModel(self.model, self.kv_caches),
+            max_batch,
+            max_blocks_per_seq,
+            self.block_size,
+            self.device,
+            capture_fn,
+        )
+        timings = graphs.capture(sizes)
+        self.graphs = graphs
+        return timings
 
     def run(self, items: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
         """Compute the scheduled tokens; sample for every sequence whose tokens are all computed.
@@ -26,11 +74,25 @@ class ModelRunner:
         items: (sequence, number of its tokens to compute), decodes first.
         """
         input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        hidden = self._forward(input_ids, positions, meta)
         if not sampled:
             return [], None
+        # The LM head runs outside any graph, on the sampled rows only.
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         return sampled, self.sampler(logits, sampled)
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if self.graphs is not None and meta.num_decode_tokens == meta.num_seqs:
+            step = DecodeInputs(
+                input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens
+            )
+            if self.graphs.graph_size_for(step) is not None:
+                self.graph_steps += 1
+                # A view of the graph's output, consumed before the next replay.
+                return self.graphs.run(step)
+        return self.model.forward(input_ids, positions, meta, self.kv_caches)
 
     def _prepare(
         self, items: list[tuple[Sequence, int]]
@@ -86,3 +148,38 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=device),
             sampled,
         )
+
+
+def profile_step(
+    model: LlamaModel, block_size: int, num_tokens: int, num_seqs: int, max_seq_len: int
+) -> None:
+    """A dummy prefill of num_tokens tokens and logits for num_seqs rows: the activation peak of
+    the largest step, run before the KV cache exists. Every sequence writes and reads the same
+    blocks of a scratch cache as long as the longest one (not every backend honours slot -1); the
+    scratch counts towards the peak, a small overestimate."""
+    lengths = [min(max_seq_len, num_tokens - s) for s in range(0, num_tokens, max_seq_len)]
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    device = model.device
+    width = -(-max(lengths) // block_size)
+    scratch = allocate_kv_caches(model.config, width, block_size, model.dtype, device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    meta = AttentionMetadata(
+        num_seqs=len(lengths),
+        num_decode_tokens=0,
+        slot_mapping=positions.clone(),
+        block_tables=torch.arange(width, dtype=torch.int32, device=device).repeat(len(lengths), 1),
+        context_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        max_query_len=max(lengths),
+        max_context_len=max(lengths),
+        block_size=block_size,
+        query_start_loc_host=starts,
+        context_lens_host=lengths,
+    )
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = model.forward(input_ids, positions, meta, scratch)
+    rows = torch.arange(num_seqs, device=device) % num_tokens
+    # Float32 logits and one same-sized temporary, as the sampler makes.
+    model.compute_logits(hidden.index_select(0, rows)).softmax(-1)
