@@ -50,9 +50,11 @@ class LlamaModel:
         self.backend.prepare(meta)
         cos, sin = self.rope.lookup(positions)
         hidden = F.embedding(input_ids, self.weights.embed)
+        # The residual stream is this step's own tensor (embedding output): adding in place
+        # saves an allocation per add, with bit-identical results.
         for layer, (k_cache, v_cache) in zip(self.weights.layers, kv_caches, strict=True):
-            hidden = hidden + self._attention(layer, hidden, cos, sin, meta, k_cache, v_cache)
-            hidden = hidden + self._mlp(layer, hidden)
+            hidden.add_(self._attention(layer, hidden, cos, sin, meta, k_cache, v_cache))
+            hidden.add_(self._mlp(layer, hidden))
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,7 @@ class LlamaModel:
         normed = self._rms_norm(hidden, layer.post_norm)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return F.linear(F.silu(gate).mul_(up), layer.down, layer.down_bias)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; bit-identical to HF's formula in float32, and in bfloat16 it scales by
