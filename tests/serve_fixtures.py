@@ -72,23 +72,24 @@ class Server:
         env.update({"THAW_DTYPE": "float32", "THAW_LOG_FORMAT": "text"})
         env.update(self.env)
         self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"thaw-serve-{self.port}.log")
-        log = open(self.log_path, "wb")  # noqa: SIM115 - the process owns it until stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "thaw.cli",
-                "serve",
-                "--snapshot",
-                str(self.snapshot),
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child gets its own copy of the descriptor, so ours can be closed at once.
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "thaw.cli",
+                    "serve",
+                    "--snapshot",
+                    str(self.snapshot),
+                    "--port",
+                    str(self.port),
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
