@@ -7,20 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from handler.model.config import ModelConfig
+from handler.model.linear import Linear, make_linear
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear  # q, k and v projections stacked: one matmul instead of three
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections stacked
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear  # gate and up projections stacked
+    down: Linear
 
 
 @dataclass
@@ -28,7 +25,7 @@ class ModelWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Linear
 
 
 class MissingWeightError(ValueError):
@@ -40,7 +37,10 @@ def load_weights(
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
+    pack: bool = True,
 ) -> ModelWeights:
+    """pack: let linear layers pack their weights where that is faster (see linear.py)."""
+
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
             raise MissingWeightError(f"weight {name!r} is missing")
@@ -52,6 +52,9 @@ def load_weights(
     def stacked(names: list[str]) -> torch.Tensor:
         return torch.cat([take(n) for n in names], dim=0).contiguous()
 
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        return make_linear(weight, bias, pack)
+
     layers = []
     for i in range(config.num_layers):
         attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
@@ -60,15 +63,21 @@ def load_weights(
         layers.append(
             LayerWeights(
                 input_norm=take(f"model.layers.{i}.input_layernorm.weight"),
-                qkv=stacked([f"{n}.weight" for n in qkv]),
-                qkv_bias=stacked([f"{n}.bias" for n in qkv]) if config.qkv_bias else None,
-                o=take(f"{attn}.o_proj.weight"),
-                o_bias=maybe(f"{attn}.o_proj.bias", config.o_bias),
+                qkv=linear(
+                    stacked([f"{n}.weight" for n in qkv]),
+                    stacked([f"{n}.bias" for n in qkv]) if config.qkv_bias else None,
+                ),
+                o=linear(
+                    take(f"{attn}.o_proj.weight"), maybe(f"{attn}.o_proj.bias", config.o_bias)
+                ),
                 post_norm=take(f"model.layers.{i}.post_attention_layernorm.weight"),
-                gate_up=stacked([f"{n}.weight" for n in gate_up]),
-                gate_up_bias=stacked([f"{n}.bias" for n in gate_up]) if config.mlp_bias else None,
-                down=take(f"{mlp}.down_proj.weight"),
-                down_bias=maybe(f"{mlp}.down_proj.bias", config.mlp_bias),
+                gate_up=linear(
+                    stacked([f"{n}.weight" for n in gate_up]),
+                    stacked([f"{n}.bias" for n in gate_up]) if config.mlp_bias else None,
+                ),
+                down=linear(
+                    take(f"{mlp}.down_proj.weight"), maybe(f"{mlp}.down_proj.bias", config.mlp_bias)
+                ),
             )
         )
     embed = take("model.embed_tokens.weight")
@@ -76,5 +85,5 @@ def load_weights(
         embed=embed,
         layers=layers,
         norm=take("model.norm.weight"),
-        lm_head=embed if config.tie_word_embeddings else take("lm_head.weight"),
+        lm_head=linear(embed if config.tie_word_embeddings else take("lm_head.weight"), None),
     )
