@@ -4,6 +4,7 @@
 #   .cache/pip        pip's download cache, so a second run is fast
 #   rust_gateway/target  the gateway build (scripts/build_gateway.sh)
 #   .thaw/snapshots/default  the embedded default model as a snapshot
+#   .thaw/kernels/     the fused CPU kernels, compiled for this CPU (handler/kernels)
 # Each step is skipped when its stamp says it is already done for the same inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,12 @@ default_snapshot() {
   .venv/bin/thaw snapshot build --from default --out "$out"
 }
 
+cpu_kernels() {
+  # Cached by source and CPU inside; a missing compiler only costs speed (torch ops are used).
+  .venv/bin/python -m handler.kernels.build || echo "setup: continuing without the CPU kernels"
+}
+
 python_env
 gateway
+cpu_kernels
 if [[ "${THAW_SKIP_SNAPSHOT:-0}" != 1 ]]; then default_snapshot; fi

@@ -19,7 +19,7 @@ from handler.attention.base import AttentionBackend, AttentionMetadata
 
 
 @dataclass
-class _PrefillPlan:
+class PrefillPlan:
     start: int
     end: int
     kv_slots: torch.Tensor | None  # [context_len] when earlier context is in the cache
@@ -40,12 +40,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._decode: _DecodePlan | None = None
-        self._prefills: list[_PrefillPlan] = []
+        self._prefills: list[PrefillPlan] = []
 
     def prepare(self, meta: AttentionMetadata) -> None:
         # Indices and masks depend only on the step, not the layer: build them once.
         self._decode = _plan_decodes(meta) if meta.num_decode_tokens else None
-        self._prefills = _plan_prefills(meta)
+        self._prefills = plan_prefills(meta)
 
     def forward(
         self,
@@ -70,7 +70,7 @@ class TorchAttentionBackend(AttentionBackend):
             nd = meta.num_decode_tokens
             out[:nd] = _attend_decodes(q[:nd], k_cache, v_cache, self._decode, scale)
         for plan in self._prefills:
-            out[plan.start : plan.end] = _attend_prefill(q, k, v, k_flat, v_flat, plan, scale)
+            out[plan.start : plan.end] = attend_prefill(q, k, v, k_flat, v_flat, plan, scale)
         return out
 
 
@@ -86,7 +86,7 @@ def _plan_decodes(meta: AttentionMetadata) -> _DecodePlan:
     return _DecodePlan(blocks=blocks, mask=mask.view(nd, 1, 1, width), context_width=width)
 
 
-def _plan_prefills(meta: AttentionMetadata) -> list[_PrefillPlan]:
+def plan_prefills(meta: AttentionMetadata) -> list[PrefillPlan]:
     plans = []
     starts = meta.query_start_loc_host
     bs = meta.block_size
@@ -94,7 +94,7 @@ def _plan_prefills(meta: AttentionMetadata) -> list[_PrefillPlan]:
         start, end = starts[i], starts[i + 1]
         query_len, context_len = end - start, meta.context_lens_host[i]
         if context_len == query_len:
-            plans.append(_PrefillPlan(start, end, None, None))
+            plans.append(PrefillPlan(start, end, None, None))
             continue
         device = meta.block_tables.device
         positions = torch.arange(context_len, device=device)
@@ -102,7 +102,7 @@ def _plan_prefills(meta: AttentionMetadata) -> list[_PrefillPlan]:
         slots = blocks * bs + positions % bs
         query_pos = torch.arange(context_len - query_len, context_len, device=device)
         mask = positions.unsqueeze(0) <= query_pos.unsqueeze(1)
-        plans.append(_PrefillPlan(start, end, slots, mask))
+        plans.append(PrefillPlan(start, end, slots, mask))
     return plans
 
 
@@ -132,13 +132,13 @@ def _attend_decodes(
     return torch.bmm(probs, values).view(nd, num_heads, head_dim)
 
 
-def _attend_prefill(
+def attend_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     k_flat: torch.Tensor,
     v_flat: torch.Tensor,
-    plan: _PrefillPlan,
+    plan: PrefillPlan,
     scale: float,
 ) -> torch.Tensor:
     query = q[plan.start : plan.end].transpose(0, 1).unsqueeze(0)

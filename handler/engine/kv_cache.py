@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 from handler.model import KVCaches, ModelConfig
 
 # Used when the engine config gives neither a block count nor a byte budget.
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh anonymous pages.
+# CPU caches from this size on are mapped fresh rather than zero-filled (allocate_kv_caches).
 FRESH_PAGES_BYTES = 64 << 20
 
 
@@ -50,15 +52,22 @@ def allocate_kv_caches(
     """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
 
     One zeroed allocation: padding positions are masked out of attention, and zeros keep their
-    never-written values finite so a masked weight of 0 cannot meet a NaN. On the CPU the
-    allocation is large enough that the allocator maps fresh pages, which the kernel hands out
-    zero-filled on first touch: `empty` is as zeroed as `zeros` there, without writing a gigabyte
-    during the cold start (`zeros` would cost ~1.5 s on the 2-core machines).
+    never-written values finite so a masked weight of 0 cannot meet a NaN. On the CPU a large
+    cache is an anonymous memory map, whose pages the kernel hands out zero-filled on first
+    touch: as zeroed as `zeros`, without writing a gigabyte during the cold start (`zeros` costs
+    ~1.5 s on the 2-core machines). Not `empty`: malloc may serve that from memory freed
+    earlier in the process, dirty.
     """
     shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if device.type == "cpu" and nbytes >= FRESH_PAGES_BYTES:
-        storage = torch.empty(shape, dtype=dtype, device=device)
+        storage = _fresh_pages(nbytes, dtype).view(shape)
     else:
         storage = torch.zeros(shape, dtype=dtype, device=device)
     return [(storage[i, 0], storage[i, 1]) for i in range(model.num_layers)]
+
+
+def _fresh_pages(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    # The tensor keeps the mapping alive; it is unmapped when the last view of it is freed.
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=dtype)

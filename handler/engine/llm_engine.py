@@ -17,6 +17,7 @@ from handler.engine.runner import ModelRunner, profile_step
 from handler.engine.sampler import Sampler
 from handler.engine.scheduler import Scheduler
 from handler.engine.sequence import Sequence
+from handler.kernels.cpu import load_cpu_kernels
 from handler.model import LlamaModel, MissingWeightError, ModelConfig
 from warmup.cuda_graphs import CaptureTiming
 from warmup.engine_start import (
@@ -63,11 +64,23 @@ class LLMEngine:
         context = model_config.max_position_embeddings
         if config.max_model_len is not None:
             context = min(context, config.max_model_len)
+        kernels = None
+        if device.type == "cpu" and dtype == torch.bfloat16 and config.cpu_kernels:
+            kernels = load_cpu_kernels()
         self.attention_backend = resolve_backend_name(
-            config.attention_backend, device, config.block_size
+            config.attention_backend, device, config.block_size, kernels is not None
         )
+        if self.attention_backend == "cpu" and (device.type != "cpu" or dtype != torch.bfloat16):
+            raise ValueError("the cpu attention backend runs bfloat16 on the CPU only")
         model = LlamaModel(
-            model_config, weights, dtype, device, create_backend(self.attention_backend), context
+            model_config,
+            weights,
+            dtype,
+            device,
+            create_backend(self.attention_backend),
+            context,
+            pack_weights=config.pack_cpu_weights,
+            kernels=kernels,
         )
         # On CUDA without an explicit size: the memory left after the weights, or the warm profile.
         self.device_start: DeviceStart | None = None
@@ -98,7 +111,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler())
+        self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler(kernels))
         self.graph_timings: list[CaptureTiming] = []
         if device.type == "cuda" and self.attention_backend in GRAPH_SAFE_BACKENDS:
             self.graph_timings = self._capture_decode_graphs(start_config.graph_max_batch)

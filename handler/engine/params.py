@@ -98,6 +98,12 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9
     cuda_graph_max_batch: int = 64  # decode CUDA graphs up to this batch; 0 = off (CUDA only)
     snapshot_dir: str | None = None  # where the warm profile is read and recorded, if any
+    # Pack bfloat16 CPU weights for oneDNN at load (handler/model/linear.py): same outputs,
+    # faster matmuls, a copy of the weights in memory instead of the mapped files.
+    pack_cpu_weights: bool = True
+    # Fused C kernels for norms, rotary and paged attention with bfloat16 on the CPU
+    # (handler/kernels); float32 keeps plain torch ops, bit-exact with transformers.
+    cpu_kernels: bool = True
 
 
 @dataclass

@@ -9,11 +9,13 @@ Logprobs are those of the model's distribution, before any sampling setting is a
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from handler.engine.sequence import Sequence
+from handler.kernels.cpu import CpuKernels
 
 
 @dataclass
@@ -24,19 +26,34 @@ class SampleResult:
 
 
 class Sampler:
+    def __init__(self, kernels: CpuKernels | None = None) -> None:
+        # With the fused CPU kernels, bfloat16 logits are taken as they are: a greedy batch
+        # then needs no float32 copy of [rows, vocab] and no log_softmax over it.
+        self.kernels = kernels
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: float32 [len(seqs), vocab]."""
-        # log_softmax is one vectorised pass; logsumexp costs about three times as much on CPU.
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = logits
-        if any(s.params.has_penalties for s in seqs):
-            scores = _apply_penalties(logits, seqs)
-        if all(s.params.greedy for s in seqs):
-            tokens = argmax_rows(scores)
+        """logits: [len(seqs), vocab], float32 (or bfloat16 on the CPU with kernels)."""
+        normaliser = None
+        if self.kernels is not None and logits.dtype == torch.bfloat16 and logits.is_cpu:
+            normaliser = self.kernels.logsumexp_rows(logits).unsqueeze(1)
+        elif logits.dtype != torch.float32:
+            logits = logits.float()
+        greedy = all(s.params.greedy for s in seqs)
+        penalties = any(s.params.has_penalties for s in seqs)
+        # Greedy picks are the same on bfloat16 logits: widening to float32 is exact.
+        scores = logits if greedy and not penalties else logits.float()
+        if penalties:
+            scores = _apply_penalties(scores, seqs)
+        tokens = argmax_rows(scores) if greedy else _sample(scores, seqs)
+        if normaliser is None:
+            # log_softmax is one vectorised pass; logsumexp costs about three times as much.
+            logprobs = torch.log_softmax(logits, dim=-1)
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            top = _top_logprobs(lambda: logprobs, seqs)
         else:
-            tokens = _sample(scores, seqs)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        top = _top_logprobs(logprobs, seqs)
+            picked = logits.gather(1, tokens.unsqueeze(1)).float()
+            chosen = (picked - normaliser).squeeze(1)
+            top = _top_logprobs(lambda: logits.float() - normaliser, seqs)
         return SampleResult(tokens.tolist(), chosen.tolist(), top)
 
 
@@ -111,13 +128,14 @@ def _min_p(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _top_logprobs(
-    logprobs: torch.Tensor, seqs: list[Sequence]
+    logprobs: Callable[[], torch.Tensor], seqs: list[Sequence]
 ) -> list[list[tuple[int, float]] | None]:
+    """logprobs: makes the [rows, vocab] log-probabilities, called only if a row wants top-n."""
     wanted = [s.params.logprobs for s in seqs]
     n = max(wanted)
     if n == 0:
         return [None] * len(seqs)
-    values, ids = logprobs.topk(n, dim=-1)
+    values, ids = logprobs().topk(n, dim=-1)
     values, ids = values.tolist(), ids.tolist()
     return [
         list(zip(ids[row][:k], values[row][:k], strict=True)) if k else None

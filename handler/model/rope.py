@@ -54,6 +54,9 @@ class RotaryEmbedding:
         self.signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(
             dtype=dtype, device=device
         )
+        # float32 [max_positions, head_dim // 2] per frequency, for the fused CPU kernel.
+        self.cos_half = freqs.cos()
+        self.sin_half = freqs.sin()
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin per token, [tokens, 1, head_dim] to broadcast over heads."""

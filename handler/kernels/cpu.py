@@ -1,0 +1,249 @@
+"""ctypes bindings of the fused CPU kernels (cpu_kernels.c), typed over torch tensors.
+
+Each method checks what the C code relies on (dtype, device, contiguity, shapes) and raises
+ValueError otherwise: a wrong call must fail loudly, not read the wrong memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+from handler.kernels.build import KernelBuildError, build, compiler, library_path
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 1
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_f32 = ctypes.c_float
+
+
+class CpuKernels:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        if lib.thaw_kernels_abi() != ABI_VERSION:
+            raise KernelBuildError("the CPU kernel library is from another version")
+        # Whether attention runs the AVX-512 BF16 path (else portable C), for logs and tests.
+        self.avx512_bf16 = bool(lib.thaw_kernels_features() & 1)
+        self._norm = lib.thaw_add_rms_norm
+        self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+        self._norm.restype = None
+        self._rotary = lib.thaw_rotary
+        self._rotary.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+        self._rotary.restype = None
+        self._store = lib.thaw_store_kv
+        self._store.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+        self._store.restype = None
+        self._decode = lib.thaw_paged_decode_attention
+        self._decode.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 5, _f32]
+        self._decode.restype = ctypes.c_int
+        self._silu_mul = lib.thaw_silu_mul
+        self._silu_mul.argtypes = [_ptr, _i64, _i64, _ptr]
+        self._silu_mul.restype = None
+        self._lse = lib.thaw_logsumexp_rows
+        self._lse.argtypes = [_ptr, _i64, _i64, _ptr]
+        self._lse.restype = None
+
+    def add_rms_norm(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """hidden += delta (in place, when given), then RMS-normed hidden times weight."""
+        _check_rows(hidden, "hidden")
+        rows, dim = hidden.shape
+        if delta is not None:
+            _check_rows(delta, "delta")
+            if delta.shape != hidden.shape:
+                raise ValueError(f"delta {tuple(delta.shape)} != hidden {tuple(hidden.shape)}")
+        _check_rows(weight.view(1, -1), "weight")
+        if weight.numel() != dim:
+            raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
+        out = torch.empty_like(hidden)
+        self._norm(
+            hidden.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            rows,
+            dim,
+            eps,
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [rows, 2 * inter] (gate then up) -> silu(gate) * up, [rows, inter]."""
+        _check_rows(gate_up, "gate_up")
+        rows, width = gate_up.shape
+        if width % 2:
+            raise ValueError(f"gate_up must hold gate and up halves, got width {width}")
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
+        return out
+
+    def logsumexp_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 log(sum(exp(row))) of each row of bf16 logits [rows, vocab]."""
+        _check_rows(logits, "logits")
+        rows, vocab = logits.shape
+        out = torch.empty(rows, dtype=torch.float32)
+        self._lse(logits.data_ptr(), rows, vocab, out.data_ptr())
+        return out
+
+    def rotary(
+        self,
+        x: torch.Tensor,
+        heads: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """Rotate the first `heads` heads of every row of x [rows, >= heads*head_dim] in place.
+
+        cos, sin: float32 [max_positions, head_dim // 2]; positions: int64 [rows].
+        """
+        _check_bf16(x, "x")
+        if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * head_dim:
+            raise ValueError("x must be [rows, >= heads * head_dim] with unit column stride")
+        rows = x.shape[0]
+        _check_index(positions, "positions", rows, torch.int64)
+        if cos.dtype != torch.float32 or cos.shape != sin.shape or not cos.is_contiguous():
+            raise ValueError("cos and sin must be contiguous float32 tables of one shape")
+        if cos.shape[1] != head_dim // 2 or not sin.is_contiguous():
+            raise ValueError(f"cos/sin rows must hold head_dim // 2 = {head_dim // 2} values")
+        self._rotary(
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            heads,
+            head_dim,
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+        )
+
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """k, v: [rows, kv_heads, head_dim] (row strides equal); slot -1 writes nothing."""
+        _check_bf16(k, "k")
+        _check_bf16(v, "v")
+        rows = k.shape[0]
+        if v.shape != k.shape or k.stride() != v.stride():
+            raise ValueError("k and v must have the same shape and strides")
+        width = k.shape[1] * k.shape[2]
+        if k.stride(2) != 1 or k.stride(1) != k.shape[2]:
+            raise ValueError("each row of k and v must be contiguous")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_bf16(cache, name)
+            if not cache.is_contiguous() or cache.shape[-2] * cache.shape[-1] != width:
+                raise ValueError(f"{name} must be contiguous with rows of {width} values")
+        _check_index(slots, "slots", rows, torch.int64)
+        self._store(
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            rows,
+            width,
+            slots.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+        )
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_context_len: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [seqs, heads, head_dim] (rows may be strided); returns [seqs, heads, head_dim].
+
+        block_tables: int32 [seqs, max_blocks]; context_lens: int32 [seqs], each >= 1 and at
+        most max_context_len, which must fit the table.
+        """
+        _check_bf16(q, "q")
+        seqs, heads, head_dim = q.shape
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            raise ValueError("each query row must be contiguous")
+        _, block_size, kv_heads, cache_dim = k_cache.shape
+        if v_cache.shape != k_cache.shape or cache_dim != head_dim or heads % kv_heads:
+            raise ValueError("cache shapes do not match the query heads")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_bf16(cache, name)
+            if not cache.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        if block_tables.dtype != torch.int32 or block_tables.dim() != 2:
+            raise ValueError("block_tables must be int32 [seqs, max_blocks]")
+        if block_tables.shape[0] < seqs or block_tables.stride(1) != 1:
+            raise ValueError("block_tables needs a contiguous row per sequence")
+        _check_index(context_lens, "context_lens", seqs, torch.int32)
+        if max_context_len > block_tables.shape[1] * block_size:
+            raise ValueError("a context is longer than its block table")
+        out = torch.empty(seqs, heads, head_dim, dtype=q.dtype)
+        status = self._decode(
+            out.data_ptr(),
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.stride(0),
+            context_lens.data_ptr(),
+            seqs,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            scale,
+        )
+        if status != 0:
+            raise MemoryError("decode attention could not allocate its scratch memory")
+        return out
+
+
+def check_range(values: torch.Tensor, name: str, low: int, high: int) -> None:
+    """Every value in [low, high): the kernels index memory with these, unchecked. Callers run
+    this once per step on the step's positions, slots and block tables, not once per layer."""
+    if values.numel() and (int(values.min()) < low or int(values.max()) >= high):
+        raise ValueError(f"{name} must lie in [{low}, {high})")
+
+
+def _check_bf16(t: torch.Tensor, name: str) -> None:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+
+
+def _check_rows(t: torch.Tensor, name: str) -> None:
+    _check_bf16(t, name)
+    if t.dim() != 2 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [rows, dim] tensor")
+
+
+def _check_index(t: torch.Tensor, name: str, rows: int, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or t.shape != (rows,) or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor of {rows} values")
+
+
+@functools.lru_cache(maxsize=1)
+def load_cpu_kernels(build_if_missing: bool = True) -> CpuKernels | None:
+    """The kernels, or None (logged once) when they cannot be built or loaded here."""
+    try:
+        path = build() if build_if_missing else library_path(cc=compiler())
+        return CpuKernels(ctypes.CDLL(str(path)))
+    except (KernelBuildError, OSError) as error:
+        log.warning("fused CPU kernels unavailable, using torch ops: %s", error)
+        return None

@@ -1,0 +1,166 @@
+"""The bfloat16 CPU serving path (fused kernels + cpu attention backend) inside the engine.
+
+bfloat16 cannot be token-exact with anything, so the check is teacher-forced: the same token
+sequences go through prefill and batched decode steps in float32 (the reference, itself exact
+with transformers), in bfloat16 through plain torch ops, and in bfloat16 through the kernels.
+The kernels must be at least as close to float32 as plain torch is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from handler.engine import LLMEngine, SamplingParams
+from handler.engine.sampler import Sampler
+from handler.engine.sequence import Sequence
+from handler.kernels.build import compiler
+from handler.kernels.cpu import load_cpu_kernels
+from tests.conftest import DEFAULT_SNAPSHOT
+from tests.engine_fixtures import build_tiny, random_prompts, run_staggered
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
+
+ONE_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
+
+
+def teacher_forced_logits(
+    engine: LLMEngine, sequences: list[list[int]], decodes: int
+) -> torch.Tensor:
+    """float32 logits of every token: one prefill step of all but the last `decodes` tokens of
+    each sequence, then batched decode steps over the rest."""
+    runner, block_size = engine.runner, engine.config.block_size
+    seqs, next_block = [], 0
+    for i, tokens in enumerate(sequences):
+        seq = Sequence(i, tokens, ONE_TOKEN, None)
+        count = -(-len(tokens) // block_size)
+        seq.block_table = list(range(next_block, next_block + count))
+        next_block += count
+        seqs.append(seq)
+
+    def run(items: list[tuple[Sequence, int]]) -> torch.Tensor:
+        input_ids, positions, meta, _, _ = runner._prepare(items)
+        hidden = runner.model.forward(input_ids, positions, meta, runner.kv_caches)
+        for seq, count in items:
+            seq.num_computed_tokens += count
+        return runner.model.compute_logits(hidden).float()
+
+    with torch.inference_mode():
+        steps = [run([(seq, len(seq) - decodes) for seq in seqs])]
+        for _ in range(decodes):
+            steps.append(run([(seq, 1) for seq in seqs]))
+    return torch.cat(steps)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_kernels_are_as_close_to_float32_as_plain_torch(architecture: str) -> None:
+    tiny = build_tiny(architecture)
+    sequences = random_prompts(6, 20, 60, seed=2)
+    reference = teacher_forced_logits(tiny.engine(), sequences, decodes=12)
+    kernels_engine = tiny.engine(dtype=torch.bfloat16)
+    assert kernels_engine.attention_backend == "cpu"
+    fused = teacher_forced_logits(kernels_engine, sequences, decodes=12)
+    plain = teacher_forced_logits(
+        tiny.engine(dtype=torch.bfloat16, cpu_kernels=False), sequences, decodes=12
+    )
+    fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
+    assert float(fused_err.mean()) <= 1.1 * float(plain_err.mean())
+    assert float(fused_err.max()) <= 1.25 * float(plain_err.max())
+    assert _kl(reference, fused) <= 1.25 * _kl(reference, plain)
+    agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
+    plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert float(agree) >= float(plain_agree) - 0.02
+
+
+@pytest.mark.skipif(not (DEFAULT_SNAPSHOT / "config.json").exists(), reason="no default snapshot")
+def test_kernels_on_the_default_snapshot_track_float32() -> None:
+    from handler.engine import EngineConfig, ModelConfig
+    from snapshot.loader import load_snapshot
+
+    snap = load_snapshot(DEFAULT_SNAPSHOT, "cpu")
+    config = ModelConfig.from_hf_config(snap.config)
+
+    def engine(dtype: torch.dtype, kernels: bool) -> LLMEngine:
+        settings = EngineConfig(dtype=dtype, num_kv_blocks=64, cpu_kernels=kernels)
+        return LLMEngine(config, snap.weights, [], settings)
+
+    sequences = random_prompts(4, 30, 50, seed=5)
+    reference = teacher_forced_logits(engine(torch.float32, False), sequences, decodes=8)
+    fused = teacher_forced_logits(engine(torch.bfloat16, True), sequences, decodes=8)
+    plain = teacher_forced_logits(engine(torch.bfloat16, False), sequences, decodes=8)
+    fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
+    assert float(fused_err.mean()) <= 1.1 * float(plain_err.mean())
+    assert _kl(reference, fused) <= 1.25 * _kl(reference, plain)
+    agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
+    plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
+    # Random-token prompts give flat distributions: near ties flip either way in bfloat16.
+    assert float(agree) >= float(plain_agree) - 0.03
+
+
+def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(reference || other) over rows of logits."""
+    ref, oth = reference.log_softmax(-1), other.log_softmax(-1)
+    return float((ref.exp() * (ref - oth)).sum(-1).mean())
+
+
+def test_backend_choice_follows_dtype_and_settings() -> None:
+    tiny = build_tiny("LlamaForCausalLM")
+    fused = tiny.engine(dtype=torch.bfloat16)
+    assert fused.attention_backend == "cpu" and fused.runner.model.kernels is not None
+    exact = tiny.engine(dtype=torch.float32)
+    assert exact.attention_backend == "torch" and exact.runner.model.kernels is None
+    off = tiny.engine(dtype=torch.bfloat16, cpu_kernels=False)
+    assert off.attention_backend == "torch" and off.runner.model.kernels is None
+    with pytest.raises(ValueError, match="bfloat16 on the CPU only"):
+        tiny.engine(dtype=torch.float32, attention_backend="cpu")
+
+
+def test_kernel_engine_serves_staggered_chunked_and_preempted_requests() -> None:
+    # The scheduler's hard cases on the kernel path: tiny prefill budget, a cache small enough
+    # to force preemption, prefix hits. Every request finishes with its full length.
+    tiny = build_tiny("LlamaForCausalLM")
+    engine = tiny.engine(dtype=torch.bfloat16, max_num_batched_tokens=7, num_kv_blocks=10)
+    system = random_prompts(1, 16, 16, seed=3)[0]
+    prompts = [system + p for p in random_prompts(6, 2, 20, seed=4)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    outputs = run_staggered(engine, prompts, params, [0, 0, 1, 3, 4, 6])
+    assert all(len(tokens) == 12 for tokens in outputs.values())
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def _seqs(count: int, params: SamplingParams) -> list[Sequence]:
+    seqs = []
+    for i in range(count):
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed + i)
+        seq = Sequence(i, [5, 6, 7, 5], params, generator)
+        seq.token_ids += [9, 5]  # two generated tokens, for the penalties
+        seqs.append(seq)
+    return seqs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11, logprobs=3),
+        SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=3),
+    ],
+    ids=["greedy", "greedy-top5", "top-p-seeded", "penalties"],
+)
+def test_sampler_on_bfloat16_logits_equals_float32(params: SamplingParams) -> None:
+    kernels = load_cpu_kernels()
+    assert kernels is not None
+    logits = (torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    fast = Sampler(kernels)(logits, _seqs(6, params))
+    exact = Sampler()(logits.float(), _seqs(6, params))
+    assert fast.token_ids == exact.token_ids
+    assert fast.logprobs == pytest.approx(exact.logprobs, abs=1e-4)
+    for got, want in zip(fast.top_logprobs, exact.top_logprobs, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
