@@ -164,3 +164,14 @@ def test_sampler_on_bfloat16_logits_equals_float32(params: SamplingParams) -> No
             continue
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+
+
+def test_worker_switch_for_the_kernels() -> None:
+    from handler.worker import WorkerSettings
+
+    base = {"THAW_SOCKET": "/tmp/thaw.sock", "THAW_SNAPSHOT": "/tmp/snap"}
+    assert WorkerSettings.from_env(base).cpu_kernels is True
+    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "0"}).cpu_kernels is False
+    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "Yes"}).cpu_kernels is True
+    with pytest.raises(SystemExit, match="THAW_CPU_KERNELS must be true or false, got 'maybe'"):
+        WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "maybe"})

@@ -47,14 +47,16 @@ class CpuPagedBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if self._unchecked:
+        # The first layer of a step checks shapes and indices; the others share them.
+        check = self._unchecked
+        if check:
             # The C code indexes memory with these: check them once per step, not per layer.
             num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
             check_range(meta.slot_mapping, "slot_mapping", -1, num_blocks * block_size)
             check_range(meta.block_tables, "block_tables", 0, num_blocks)
             check_range(meta.context_lens, "context_lens", 1, meta.max_context_len + 1)
             self._unchecked = False
-        self.kernels.store_kv(k, v, meta.slot_mapping, k_cache, v_cache)
+        self.kernels.store_kv(k, v, meta.slot_mapping, k_cache, v_cache, check)
         nd = meta.num_decode_tokens
         decoded = None
         if nd:
@@ -66,6 +68,7 @@ class CpuPagedBackend(AttentionBackend):
                 meta.context_lens[:nd],
                 meta.max_context_len,
                 scale,
+                check,
             )
         if not self._prefills and decoded is not None:
             return decoded

@@ -1,7 +1,10 @@
 """ctypes bindings of the fused CPU kernels (cpu_kernels.c), typed over torch tensors.
 
 Each method checks what the C code relies on (dtype, device, contiguity, shapes) and raises
-ValueError otherwise: a wrong call must fail loudly, not read the wrong memory.
+ValueError otherwise: a wrong call must fail loudly, not read the wrong memory. The forward pass
+passes check=False after its first layer: every layer of a step has the same shapes and dtypes,
+and the checks would cost a tenth of the step. Index values (positions, slots, block tables) are
+checked once per step with check_range.
 """
 
 from __future__ import annotations
@@ -53,17 +56,19 @@ class CpuKernels:
         delta: torch.Tensor | None,
         weight: torch.Tensor,
         eps: float,
+        check: bool = True,
     ) -> torch.Tensor:
         """hidden += delta (in place, when given), then RMS-normed hidden times weight."""
-        _check_rows(hidden, "hidden")
         rows, dim = hidden.shape
-        if delta is not None:
-            _check_rows(delta, "delta")
-            if delta.shape != hidden.shape:
-                raise ValueError(f"delta {tuple(delta.shape)} != hidden {tuple(hidden.shape)}")
-        _check_rows(weight.view(1, -1), "weight")
-        if weight.numel() != dim:
-            raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
+        if check:
+            _check_rows(hidden, "hidden")
+            if delta is not None:
+                _check_rows(delta, "delta")
+                if delta.shape != hidden.shape:
+                    raise ValueError(f"delta {tuple(delta.shape)} != hidden {tuple(hidden.shape)}")
+            _check_rows(weight.view(1, -1), "weight")
+            if weight.numel() != dim:
+                raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
         out = torch.empty_like(hidden)
         self._norm(
             hidden.data_ptr(),
@@ -76,10 +81,11 @@ class CpuKernels:
         )
         return out
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, gate_up: torch.Tensor, check: bool = True) -> torch.Tensor:
         """gate_up [rows, 2 * inter] (gate then up) -> silu(gate) * up, [rows, inter]."""
-        _check_rows(gate_up, "gate_up")
         rows, width = gate_up.shape
+        if check:
+            _check_rows(gate_up, "gate_up")
         if width % 2:
             raise ValueError(f"gate_up must hold gate and up halves, got width {width}")
         out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
@@ -102,20 +108,22 @@ class CpuKernels:
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        check: bool = True,
     ) -> None:
         """Rotate the first `heads` heads of every row of x [rows, >= heads*head_dim] in place.
 
         cos, sin: float32 [max_positions, head_dim // 2]; positions: int64 [rows].
         """
-        _check_bf16(x, "x")
-        if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * head_dim:
-            raise ValueError("x must be [rows, >= heads * head_dim] with unit column stride")
         rows = x.shape[0]
-        _check_index(positions, "positions", rows, torch.int64)
-        if cos.dtype != torch.float32 or cos.shape != sin.shape or not cos.is_contiguous():
-            raise ValueError("cos and sin must be contiguous float32 tables of one shape")
-        if cos.shape[1] != head_dim // 2 or not sin.is_contiguous():
-            raise ValueError(f"cos/sin rows must hold head_dim // 2 = {head_dim // 2} values")
+        if check:
+            _check_bf16(x, "x")
+            if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * head_dim:
+                raise ValueError("x must be [rows, >= heads * head_dim] with unit column stride")
+            _check_index(positions, "positions", rows, torch.int64)
+            if cos.dtype != torch.float32 or cos.shape != sin.shape or not cos.is_contiguous():
+                raise ValueError("cos and sin must be contiguous float32 tables of one shape")
+            if cos.shape[1] != head_dim // 2 or not sin.is_contiguous():
+                raise ValueError(f"cos/sin rows must hold head_dim // 2 = {head_dim // 2} values")
         self._rotary(
             x.data_ptr(),
             x.stride(0),
@@ -134,21 +142,23 @@ class CpuKernels:
         slots: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        check: bool = True,
     ) -> None:
         """k, v: [rows, kv_heads, head_dim] (row strides equal); slot -1 writes nothing."""
-        _check_bf16(k, "k")
-        _check_bf16(v, "v")
         rows = k.shape[0]
-        if v.shape != k.shape or k.stride() != v.stride():
-            raise ValueError("k and v must have the same shape and strides")
         width = k.shape[1] * k.shape[2]
-        if k.stride(2) != 1 or k.stride(1) != k.shape[2]:
-            raise ValueError("each row of k and v must be contiguous")
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            _check_bf16(cache, name)
-            if not cache.is_contiguous() or cache.shape[-2] * cache.shape[-1] != width:
-                raise ValueError(f"{name} must be contiguous with rows of {width} values")
-        _check_index(slots, "slots", rows, torch.int64)
+        if check:
+            _check_bf16(k, "k")
+            _check_bf16(v, "v")
+            if v.shape != k.shape or k.stride() != v.stride():
+                raise ValueError("k and v must have the same shape and strides")
+            if k.stride(2) != 1 or k.stride(1) != k.shape[2]:
+                raise ValueError("each row of k and v must be contiguous")
+            for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                _check_bf16(cache, name)
+                if not cache.is_contiguous() or cache.shape[-2] * cache.shape[-1] != width:
+                    raise ValueError(f"{name} must be contiguous with rows of {width} values")
+            _check_index(slots, "slots", rows, torch.int64)
         self._store(
             k.data_ptr(),
             v.data_ptr(),
@@ -169,30 +179,32 @@ class CpuKernels:
         context_lens: torch.Tensor,
         max_context_len: int,
         scale: float,
+        check: bool = True,
     ) -> torch.Tensor:
         """q [seqs, heads, head_dim] (rows may be strided); returns [seqs, heads, head_dim].
 
         block_tables: int32 [seqs, max_blocks]; context_lens: int32 [seqs], each >= 1 and at
         most max_context_len, which must fit the table.
         """
-        _check_bf16(q, "q")
         seqs, heads, head_dim = q.shape
-        if q.stride(2) != 1 or q.stride(1) != head_dim:
-            raise ValueError("each query row must be contiguous")
         _, block_size, kv_heads, cache_dim = k_cache.shape
-        if v_cache.shape != k_cache.shape or cache_dim != head_dim or heads % kv_heads:
-            raise ValueError("cache shapes do not match the query heads")
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            _check_bf16(cache, name)
-            if not cache.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
-        if block_tables.dtype != torch.int32 or block_tables.dim() != 2:
-            raise ValueError("block_tables must be int32 [seqs, max_blocks]")
-        if block_tables.shape[0] < seqs or block_tables.stride(1) != 1:
-            raise ValueError("block_tables needs a contiguous row per sequence")
-        _check_index(context_lens, "context_lens", seqs, torch.int32)
-        if max_context_len > block_tables.shape[1] * block_size:
-            raise ValueError("a context is longer than its block table")
+        if check:
+            _check_bf16(q, "q")
+            if q.stride(2) != 1 or q.stride(1) != head_dim:
+                raise ValueError("each query row must be contiguous")
+            if v_cache.shape != k_cache.shape or cache_dim != head_dim or heads % kv_heads:
+                raise ValueError("cache shapes do not match the query heads")
+            for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                _check_bf16(cache, name)
+                if not cache.is_contiguous():
+                    raise ValueError(f"{name} must be contiguous")
+            if block_tables.dtype != torch.int32 or block_tables.dim() != 2:
+                raise ValueError("block_tables must be int32 [seqs, max_blocks]")
+            if block_tables.shape[0] < seqs or block_tables.stride(1) != 1:
+                raise ValueError("block_tables needs a contiguous row per sequence")
+            _check_index(context_lens, "context_lens", seqs, torch.int32)
+            if max_context_len > block_tables.shape[1] * block_size:
+                raise ValueError("a context is longer than its block table")
         out = torch.empty(seqs, heads, head_dim, dtype=q.dtype)
         status = self._decode(
             out.data_ptr(),

@@ -160,38 +160,56 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_mask_blend_ps(nan, result, x);
 }
 
+/*
+ * The cache rows of one step are cold (the step streamed all the weights since they were last
+ * read), and a KV head's rows are kv_width apart: too sparse for the hardware prefetcher.
+ * Fetch rows this far ahead.
+ */
+#define PREFETCH_ROWS 8
+static inline void prefetch_row(const bf16 *cache, const int32_t *table, int64_t j, int64_t len,
+                                int64_t block_size, int64_t kv_width, int64_t width) {
+    if (j >= len) return;
+    const char *row = (const char *)(cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width);
+    for (int64_t byte = 0; byte < width * (int64_t)sizeof(bf16); byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+}
+
 static inline __m512 widen16(const bf16 *src) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 /*
- * attend_one with AVX-512: q.k by vdpbf16ps (bf16 pairs multiplied exactly, summed in float32),
- * 16-lane softmax, values widened and accumulated in float32 registers. head_dim must be a
- * multiple of 32 and at most 256 (the caller checks).
+ * Decode attention of one sequence for `nkv` consecutive KV heads (all of them, or one) with
+ * AVX-512: q.k by vdpbf16ps (bf16 pairs multiplied exactly, summed in float32), 16-lane
+ * softmax, values widened and accumulated in float32. Taking every KV head of a sequence reads
+ * its cache rows whole and in order, which the hardware prefetcher streams well. head_dim must
+ * be a multiple of 32 and nkv * group * head_dim / 16 at most ACC_REGS (the caller checks).
  */
-static inline __attribute__((always_inline)) void attend_one_avx512(
+#define ACC_REGS 512
+static inline __attribute__((always_inline)) void attend_avx512(
     bf16 *out, const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, const int32_t *table,
-    int64_t len, int64_t group, int64_t kv_width, int64_t block_size, float scale,
+    int64_t len, int64_t nkv, int64_t group, int64_t kv_width, int64_t block_size, float scale,
     float *scores, int64_t head_dim) {
     const int64_t pairs = head_dim / 32; /* 32 bf16 per vdpbf16ps */
     const int64_t lanes = head_dim / 16; /* 16 floats per register */
+    const int64_t heads = nkv * group;
     for (int64_t j = 0; j < len; j++) {
         int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
         const bf16 *krow = k_cache + slot * kv_width;
-        for (int64_t g = 0; g < group; g++) {
-            const bf16 *qg = q + g * head_dim;
+        prefetch_row(k_cache, table, j + PREFETCH_ROWS, len, block_size, kv_width, nkv * head_dim);
+        for (int64_t h = 0; h < heads; h++) {
+            const bf16 *qh = q + h * head_dim, *kh = krow + (h / group) * head_dim;
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < pairs; c++) {
-                __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qg + 32 * c));
-                __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(krow + 32 * c));
+                __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qh + 32 * c));
+                __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(kh + 32 * c));
                 acc = _mm512_dpbf16_ps(acc, qv, kv);
             }
-            scores[g * len + j] = _mm512_reduce_add_ps(acc) * scale;
+            scores[h * len + j] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *sg = scores + g * len;
+    for (int64_t h = 0; h < heads; h++) {
+        float *sg = scores + h * len;
         __m512 peak = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
         for (; j + 16 <= len; j += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(sg + j));
@@ -210,23 +228,28 @@ static inline __attribute__((always_inline)) void attend_one_avx512(
         float inv = 1.0f / _mm512_reduce_add_ps(total);
         for (j = 0; j < len; j++) sg[j] *= inv;
     }
-    __m512 acc[8 * 16]; /* [group][lanes]; group <= 8 when lanes <= 16 (checked by caller) */
-    for (int64_t i = 0; i < group * lanes; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[ACC_REGS]; /* [heads][lanes] */
+    for (int64_t i = 0; i < heads * lanes; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
         int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
         const bf16 *vrow = v_cache + slot * kv_width;
-        __m512 v[16];
-        for (int64_t c = 0; c < lanes; c++) v[c] = widen16(vrow + 16 * c);
-        for (int64_t g = 0; g < group; g++) {
-            __m512 p = _mm512_set1_ps(scores[g * len + j]);
-            for (int64_t c = 0; c < lanes; c++) acc[g * lanes + c] = _mm512_fmadd_ps(p, v[c], acc[g * lanes + c]);
+        prefetch_row(v_cache, table, j + PREFETCH_ROWS, len, block_size, kv_width, nkv * head_dim);
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            __m512 v[16];
+            for (int64_t c = 0; c < lanes; c++) v[c] = widen16(vrow + kv * head_dim + 16 * c);
+            for (int64_t g = 0; g < group; g++) {
+                int64_t h = kv * group + g;
+                __m512 p = _mm512_set1_ps(scores[h * len + j]);
+                for (int64_t c = 0; c < lanes; c++)
+                    acc[h * lanes + c] = _mm512_fmadd_ps(p, v[c], acc[h * lanes + c]);
+            }
         }
     }
-    for (int64_t g = 0; g < group; g++) {
+    for (int64_t h = 0; h < heads; h++) {
         for (int64_t c = 0; c < lanes; c++) {
             float lane[16];
-            _mm512_storeu_ps(lane, acc[g * lanes + c]);
-            for (int64_t d = 0; d < 16; d++) out[g * head_dim + 16 * c + d] = f32_to_bf16(lane[d]);
+            _mm512_storeu_ps(lane, acc[h * lanes + c]);
+            for (int64_t d = 0; d < 16; d++) out[h * head_dim + 16 * c + d] = f32_to_bf16(lane[d]);
         }
     }
 }
@@ -308,11 +331,34 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
     int64_t kv_width = kv_heads * head_dim;
     int failed = 0;
 #ifdef THAW_AVX512_BF16
-#define attend_fast attend_one_avx512
-    int fast = head_dim % 32 == 0 && head_dim <= 256 && group * (head_dim / 16) <= 8 * 16;
-#else
-#define attend_fast attend_one_generic
-    int fast = 0;
+    if (head_dim % 32 == 0 && group * (head_dim / 16) <= ACC_REGS) {
+        /* A task per sequence when there are enough of them to share out, else per KV head. */
+        int64_t nkv = seqs >= 8 && heads * (head_dim / 16) <= ACC_REGS ? kv_heads : 1;
+        int64_t parts = kv_heads / nkv;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+        for (int64_t s = 0; s < seqs; s++) {
+            for (int64_t part = 0; part < parts; part++) {
+                int64_t len = context_lens[s];
+                float *scores = malloc(sizeof(float) * (size_t)(nkv * group * len));
+                if (scores == NULL) {
+                    failed = 1;
+                    continue;
+                }
+                int64_t first = part * nkv; /* first KV head of this task */
+                bf16 *o = out + s * heads * head_dim + first * group * head_dim;
+                const bf16 *qs = q + s * q_stride + first * group * head_dim;
+                const bf16 *kc = k_cache + first * head_dim, *vc = v_cache + first * head_dim;
+                const int32_t *table = block_tables + s * table_stride;
+                if (head_dim == 64)
+                    attend_avx512(o, qs, kc, vc, table, len, nkv, group, kv_width, block_size, scale, scores, 64);
+                else
+                    attend_avx512(o, qs, kc, vc, table, len, nkv, group, kv_width, block_size, scale, scores,
+                                  head_dim);
+                free(scores);
+            }
+        }
+        return failed ? -1 : 0;
+    }
 #endif
 #pragma omp parallel for collapse(2) schedule(dynamic, 4)
     for (int64_t s = 0; s < seqs; s++) {
@@ -329,19 +375,12 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
             const bf16 *qs = q + s * q_stride + kh * group * head_dim;
             const bf16 *kc = k_cache + kh * head_dim, *vc = v_cache + kh * head_dim;
             const int32_t *table = block_tables + s * table_stride;
-            if (fast) {
-                if (head_dim == 64)
-                    attend_fast(o, qs, kc, vc, table, len, group, kv_width, block_size, scale, scratch, 64);
-                else
-                    attend_fast(o, qs, kc, vc, table, len, group, kv_width, block_size, scale, scratch,
-                                head_dim);
-            } else if (head_dim == 64) {
+            if (head_dim == 64)
                 attend_one_generic(o, qs, kc, vc, table, len, group, kv_width, block_size, scale,
                                    scratch, 64);
-            } else {
+            else
                 attend_one_generic(o, qs, kc, vc, table, len, group, kv_width, block_size, scale,
                                    scratch, head_dim);
-            }
             free(scratch);
         }
     }

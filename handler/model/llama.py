@@ -83,19 +83,23 @@ class LlamaModel:
         hidden = F.embedding(input_ids, self.weights.embed)
         num_tokens = hidden.shape[0]
         delta: torch.Tensor | None = None
-        for layer, (k_cache, v_cache) in zip(self.weights.layers, kv_caches, strict=True):
-            qkv = layer.qkv(kernels.add_rms_norm(hidden, delta, layer.input_norm, eps))
-            rope = self.rope
+        rope = self.rope
+        for index, (layer, (k_cache, v_cache)) in enumerate(
+            zip(self.weights.layers, kv_caches, strict=True)
+        ):
+            check = index == 0  # every layer has the first one's shapes and dtypes
+            normed = kernels.add_rms_norm(hidden, delta, layer.input_norm, eps, check)
+            qkv = layer.qkv(normed)
             kernels.rotary(
-                qkv, heads + kv_heads, cfg.head_dim, positions, rope.cos_half, rope.sin_half
+                qkv, heads + kv_heads, cfg.head_dim, positions, rope.cos_half, rope.sin_half, check
             )
             q = qkv[:, : heads * cfg.head_dim].view(num_tokens, heads, -1)
             k = qkv[:, heads * cfg.head_dim : self._qk_size].view(num_tokens, kv_heads, -1)
             v = qkv[:, self._qk_size :].view(num_tokens, kv_heads, -1)
             out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
             attended = layer.o(out.reshape(num_tokens, -1))
-            normed = kernels.add_rms_norm(hidden, attended, layer.post_norm, eps)
-            delta = layer.down(kernels.silu_mul(layer.gate_up(normed)))
+            normed = kernels.add_rms_norm(hidden, attended, layer.post_norm, eps, check)
+            delta = layer.down(kernels.silu_mul(layer.gate_up(normed), check))
         if delta is not None:
             hidden.add_(delta)
         return hidden
