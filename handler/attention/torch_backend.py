@@ -2,9 +2,10 @@
 
 Decodes are batched: their keys/values are gathered from the paged cache, whole blocks at a
 time, into one padded tensor and attended with two batched matmuls, the GQA group folded into
-the query rows so K/V are never repeated. Prefill chunks are attended one sequence at a time
-with SDPA (a step holds few of them); a chunk with no earlier context uses its fresh K/V
-directly instead of reading them back from the cache.
+the query rows so K/V are never repeated. Prefill chunks are attended with SDPA, one sequence
+at a time, except that fresh prompts of equal length side by side go in one batched call; a
+chunk with no earlier context uses its fresh K/V directly instead of reading them back from the
+cache.
 Padding slots (-1) are not supported here; padded batches need a backend that skips them.
 """
 
@@ -24,6 +25,9 @@ class PrefillPlan:
     end: int
     kv_slots: torch.Tensor | None  # [context_len] when earlier context is in the cache
     mask: torch.Tensor | None  # [query_len, context_len] bool, True = may attend
+    # Fresh prompts (no earlier context) of one length side by side in the step are attended
+    # in one batched call: tokens start:end hold `count` of them.
+    count: int = 1
 
 
 @dataclass
@@ -94,7 +98,16 @@ def plan_prefills(meta: AttentionMetadata) -> list[PrefillPlan]:
         start, end = starts[i], starts[i + 1]
         query_len, context_len = end - start, meta.context_lens_host[i]
         if context_len == query_len:
-            plans.append(PrefillPlan(start, end, None, None))
+            last = plans[-1] if plans else None
+            if (
+                last is not None
+                and last.kv_slots is None
+                and last.end == start
+                and (last.end - last.start) == last.count * query_len
+            ):
+                last.end, last.count = end, last.count + 1
+            else:
+                plans.append(PrefillPlan(start, end, None, None))
             continue
         device = meta.block_tables.device
         positions = torch.arange(context_len, device=device)
@@ -141,15 +154,18 @@ def attend_prefill(
     plan: PrefillPlan,
     scale: float,
 ) -> torch.Tensor:
-    query = q[plan.start : plan.end].transpose(0, 1).unsqueeze(0)
+    count = plan.count
+
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [count * n, h, d] -> [count, h, n, d]
+        return x.view(count, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    query = batched(q[plan.start : plan.end])
     if plan.kv_slots is None:
-        keys = k[plan.start : plan.end]
-        values = v[plan.start : plan.end]
+        keys = batched(k[plan.start : plan.end])
+        values = batched(v[plan.start : plan.end])
     else:
-        keys = k_flat.index_select(0, plan.kv_slots)
-        values = v_flat.index_select(0, plan.kv_slots)
-    keys = keys.transpose(0, 1).unsqueeze(0)
-    values = values.transpose(0, 1).unsqueeze(0)
+        keys = batched(k_flat.index_select(0, plan.kv_slots))
+        values = batched(v_flat.index_select(0, plan.kv_slots))
     out = F.scaled_dot_product_attention(
         query,
         keys,
@@ -159,4 +175,4 @@ def attend_prefill(
         scale=scale,
         enable_gqa=True,
     )
-    return out.squeeze(0).transpose(0, 1)
+    return out.transpose(1, 2).reshape(plan.end - plan.start, q.shape[1], q.shape[2])
