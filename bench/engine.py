@@ -148,33 +148,34 @@ def run(args: argparse.Namespace) -> int:
         for name in workloads
         for concurrency in concurrencies
     ]
-    # thaw first for every workload: transformers' continuous batching leaves state behind
-    # (its manager thread, caches) that must not weigh on the runs it is compared with.
+    # thaw and transformers' static batch alternate, repeat by repeat, so that a slow spell of
+    # this shared machine weighs on both alike. transformers' continuous batching runs last:
+    # it leaves state behind (its manager thread, caches) that must not weigh on the others.
     thaw: dict[str, float] = {}
     ceiling: dict[str, float] = {}
     packed_ceiling: dict[str, float] = {}
-    # thaw runs as its worker does: start-up objects frozen out of the cyclic collector
-    # (handler/worker.py). The transformers peers run as their users run them, without.
-    gc.freeze()
+    static: dict[str, float] = {}
     for work in works:
-        runs = [_run_thaw(engine, work, repeat) for repeat in range(args.repeat)]
+        runs, static_runs = [], []
+        for repeat in range(args.repeat):
+            runs.append(_run_thaw_as_served(engine, work, repeat))
+            if not args.no_hf:
+                static_runs.append(_run_hf_static(hf_model, work))
         thaw[work.key], steps = min(runs, key=lambda run: run[0])
+        if static_runs:
+            static[work.key] = min(static_runs)
         replay = partial(_replay_linear, linear, steps, hf_config["hidden_size"], dtype)
         ceiling[work.key] = _fastest(args.repeat, replay)
         replay = partial(_replay_packed, packed, steps, hf_config["hidden_size"], dtype)
         packed_ceiling[work.key] = _fastest(args.repeat, replay)
         _log(args, f"{work.key}: thaw {work.output_tokens / thaw[work.key]:.1f} tok/s")
-    gc.unfreeze()
-    static: dict[str, float] = {}
     cb: dict[str, float] = {}
     cb_loop: dict[str, float] = {}
     if not args.no_hf:
         for work in works:
-            static[work.key] = _fastest(args.repeat, partial(_run_hf_static, hf_model, work))
-        for work in works:
-            runs = [_run_hf_cb(hf_model, work) for _ in range(args.repeat)]
-            cb[work.key] = min(whole for whole, _ in runs)
-            cb_loop[work.key] = min(loop for _, loop in runs)
+            cb_runs = [_run_hf_cb(hf_model, work) for _ in range(args.repeat)]
+            cb[work.key] = min(whole for whole, _ in cb_runs)
+            cb_loop[work.key] = min(loop for _, loop in cb_runs)
     results = [
         Result(
             workload=work.name,
@@ -270,6 +271,16 @@ def _workload(name: str, concurrency: int, vocab: int, args: argparse.Namespace)
         output_lens = [rng.randint(low, high) for _ in range(concurrency)]
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in prompt_lens]
     return Workload(name, concurrency, prompts, output_lens)
+
+
+def _run_thaw_as_served(engine, work: Workload, repeat: int) -> tuple[float, list[tuple[int, int]]]:
+    """_run_thaw as thaw's worker runs: start-up objects frozen out of the cyclic collector
+    (handler/worker.py). The transformers peers run as their users run them, without."""
+    gc.freeze()
+    try:
+        return _run_thaw(engine, work, repeat)
+    finally:
+        gc.unfreeze()
 
 
 def _run_thaw(engine, work: Workload, repeat: int) -> tuple[float, list[tuple[int, int]]]:
