@@ -34,8 +34,10 @@ def client(server: Server) -> openai.OpenAI:
 
 
 def test_the_kernels_serve_this_worker(server: Server) -> None:
-    if compiler() is not None:
-        assert "kernels unavailable" not in server.logs()
+    # The worker's ready line names its attention backend; "cpu" is the fused-kernel one.
+    expected = "cpu attention" if compiler() is not None else "torch attention"
+    assert expected in server.logs(), server.logs()
+    assert "kernels unavailable" not in server.logs()
 
 
 def test_answers_streamed_or_not(client: openai.OpenAI) -> None:

@@ -101,8 +101,9 @@ class EngineConfig:
     # Pack bfloat16 CPU weights for oneDNN at load (handler/model/linear.py): same outputs,
     # faster matmuls, a copy of the weights in memory instead of the mapped files.
     pack_cpu_weights: bool = True
-    # Fused C kernels for norms, rotary and paged attention with bfloat16 on the CPU
-    # (handler/kernels); float32 keeps plain torch ops, bit-exact with transformers.
+    # Fused C kernels (norms, rotary, SiLU, paged attention, the sampler's normaliser) with
+    # bfloat16 on the CPU (handler/kernels); float32 keeps plain torch ops, bit-exact with
+    # transformers.
     cpu_kernels: bool = True
 
 

@@ -30,7 +30,8 @@ class LlamaModel:
         pack_weights: bool = True,
         kernels: CpuKernels | None = None,
     ) -> None:
-        """kernels: run norms and rotary with the fused CPU kernels (bfloat16 on the CPU)."""
+        """kernels: run norms, rotary and SiLU with the fused CPU kernels (bfloat16 on the CPU);
+        compute_logits then returns bfloat16 logits for their sampler."""
         self.config = config
         self.dtype = dtype
         self.device = device
