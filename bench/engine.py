@@ -437,11 +437,16 @@ def _replay_linear(
 def _packed_linear_layers(model) -> tuple[list[list[Linear]], Linear]:
     """Per layer [qkv, o, gate_up, down] and the LM head, built as handler/model/weights.py does.
 
-    make_linear packs for oneDNN wherever the engine would (packing_supported), and gives plain
-    F.linear elsewhere, so this follows thaw on any dtype and CPU. Biases come along where the
-    model has them, as thaw applies them.
+    make_linear packs wherever the engine would (thaw's matrix multiply when the CPU kernels
+    have it, else oneDNN's layout where packing_supported), and gives plain F.linear elsewhere,
+    so this follows thaw on any dtype and CPU. Biases come along where the model has them, as
+    thaw applies them.
     """
+    from handler.kernels.cpu import load_cpu_kernels
     from handler.model.linear import make_linear
+
+    dtype = model.lm_head.weight.dtype
+    kernels = load_cpu_kernels() if dtype == torch.bfloat16 else None
 
     def stacked(projections: list[torch.nn.Linear]) -> Linear:
         # One projection or several stacked into one matmul, as weights.py stacks q,k,v and gate,up.
@@ -449,7 +454,7 @@ def _packed_linear_layers(model) -> tuple[list[list[Linear]], Linear]:
         bias = None
         if projections[0].bias is not None:
             bias = torch.cat([p.bias.detach() for p in projections], dim=0).contiguous()
-        return make_linear(weight, bias, pack=True)
+        return make_linear(weight, bias, pack=True, kernels=kernels)
 
     layers = []
     for layer in model.model.layers:
@@ -462,7 +467,7 @@ def _packed_linear_layers(model) -> tuple[list[list[Linear]], Linear]:
                 stacked([mlp.down_proj]),
             ]
         )
-    return layers, make_linear(model.lm_head.weight.detach(), None, pack=True)
+    return layers, make_linear(model.lm_head.weight.detach(), None, pack=True, kernels=kernels)
 
 
 def _replay_packed(
@@ -472,8 +477,7 @@ def _replay_packed(
     dtype: torch.dtype,
 ) -> float:
     layers, lm_head = linear
-    # A packed weight keeps its logical [out, in] shape, so down's input width reads the same.
-    intermediate = layers[0][3].weight.shape[1]
+    intermediate = layers[0][3].in_features
     with torch.inference_mode():
         start = time.perf_counter()
         for tokens, sampled in steps:

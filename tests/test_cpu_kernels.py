@@ -116,17 +116,31 @@ def test_store_kv_writes_slots_and_skips_padding(kernels: CpuKernels) -> None:
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"),
-    [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 32, 8), (6, 2, 48, 4), (14, 2, 64, 16)],
+    [
+        (9, 3, 64, 16),
+        (8, 2, 128, 16),
+        (4, 4, 32, 8),
+        (6, 2, 48, 4),
+        (14, 2, 64, 16),
+        (16, 1, 64, 16),  # a group of 16 query heads: several passes over the values
+        (4, 2, 256, 16),
+    ],
 )
+# 8 sequences: one task per sequence; 3: one per (sequence, KV head).
+@pytest.mark.parametrize("seqs", [8, 3])
 def test_decode_attention_matches_float64_reference(
-    kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int, block_size: int
+    kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int, block_size: int, seqs: int
 ) -> None:
     gen = _gen(3)
     num_blocks = 64
     k_cache = _bf16(num_blocks, block_size, kv_heads, head_dim, gen=gen)
     v_cache = _bf16(num_blocks, block_size, kv_heads, head_dim, gen=gen)
-    lens = torch.tensor([1, 5, 16, 17, 33, 40, 3, 47], dtype=torch.int32)
-    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:12] for _ in lens]).int()
+    # Contexts around the 16-key steps of the AVX-512 path, and one long one.
+    lens = torch.tensor([1, 5, 16, 17, 33, 130, 3, 47][:seqs], dtype=torch.int32)
+    if seqs == 3:
+        lens = torch.tensor([130, 15, 32], dtype=torch.int32)
+    width = -(-int(lens.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in lens]).int()
     # q as the model hands it over: a strided view of the projection output.
     qkv = _bf16(len(lens), (heads + 2 * kv_heads) * head_dim, gen=gen)
     q = qkv[:, : heads * head_dim].view(len(lens), heads, head_dim)
@@ -155,6 +169,21 @@ def test_decode_attention_is_finite_on_extreme_scores(kernels: CpuKernels) -> No
     assert float(out[0, 0, 0]) == 1.0  # all the weight on the largest score
 
 
+def test_add_rms_norm_keeps_a_float32_residual_stream_unrounded(kernels: CpuKernels) -> None:
+    gen = _gen(1)
+    hidden = torch.randn(5, 576, generator=gen) * 3
+    delta = _bf16(5, 576, gen=gen)
+    weight = torch.rand(576, generator=gen).to(torch.bfloat16)
+    expected_hidden = hidden + delta.float()
+    out = kernels.add_rms_norm(hidden, delta, weight, 1e-5)
+    # The add happened in place in float32 (summation order aside).
+    assert torch.allclose(hidden, expected_hidden, rtol=0, atol=1e-6)
+    x = expected_hidden.double()
+    exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert out.dtype == torch.bfloat16
+    assert torch.all((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6)
+
+
 def test_bad_arguments_raise_instead_of_reading_wrong_memory() -> None:
     kernels = load_cpu_kernels()
     assert kernels is not None
@@ -162,6 +191,10 @@ def test_bad_arguments_raise_instead_of_reading_wrong_memory() -> None:
     weight = torch.ones(8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
         kernels.add_rms_norm(hidden.float(), None, weight.float(), 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.add_rms_norm(torch.zeros(8, 4).t(), None, weight, 1e-5)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.add_rms_norm(hidden.float(), hidden.float(), weight, 1e-5)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.add_rms_norm(torch.zeros(8, 4, dtype=torch.bfloat16).t(), None, weight, 1e-5)
     with pytest.raises(ValueError, match="weight"):

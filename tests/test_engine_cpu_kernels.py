@@ -3,7 +3,8 @@
 bfloat16 cannot be token-exact with anything, so the check is teacher-forced: the same token
 sequences go through prefill and batched decode steps in float32 (the reference, itself exact
 with transformers), in bfloat16 through plain torch ops, and in bfloat16 through the kernels.
-The kernels must be at least as close to float32 as plain torch is.
+The kernels must be at least as close to float32 as plain torch is; on SmolLM2, where their
+float32 residual stream matters most, clearly closer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from handler.engine.sampler import Sampler
 from handler.engine.sequence import Sequence
 from handler.kernels.build import compiler
 from handler.kernels.cpu import load_cpu_kernels
+from handler.model.linear import packing_supported
 from tests.conftest import DEFAULT_SNAPSHOT
 from tests.engine_fixtures import build_tiny, random_prompts, run_staggered
 
@@ -64,7 +66,7 @@ def test_kernels_are_as_close_to_float32_as_plain_torch(architecture: str) -> No
         tiny.engine(dtype=torch.bfloat16, cpu_kernels=False), sequences, decodes=12
     )
     fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
-    assert float(fused_err.mean()) <= 1.1 * float(plain_err.mean())
+    assert float(fused_err.mean()) <= float(plain_err.mean())  # measured ~0.9x
     assert float(fused_err.max()) <= 1.25 * float(plain_err.max())
     assert _kl(reference, fused) <= 1.25 * _kl(reference, plain)
     agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
@@ -89,8 +91,10 @@ def test_kernels_on_the_default_snapshot_track_float32() -> None:
     fused = teacher_forced_logits(engine(torch.bfloat16, True), sequences, decodes=8)
     plain = teacher_forced_logits(engine(torch.bfloat16, False), sequences, decodes=8)
     fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
-    assert float(fused_err.mean()) <= 1.1 * float(plain_err.mean())
-    assert _kl(reference, fused) <= 1.25 * _kl(reference, plain)
+    # The kernel path keeps the residual stream in float32: measured 0.60x plain bfloat16's
+    # mean error and 0.61x its KL here.
+    assert float(fused_err.mean()) <= 0.8 * float(plain_err.mean())
+    assert _kl(reference, fused) <= 0.85 * _kl(reference, plain)
     agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
     plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
     # Random-token prompts give flat distributions: near ties flip either way in bfloat16.
@@ -106,11 +110,20 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
 def test_backend_choice_follows_dtype_and_settings() -> None:
     tiny = build_tiny("LlamaForCausalLM")
     fused = tiny.engine(dtype=torch.bfloat16)
-    assert fused.attention_backend == "cpu" and fused.runner.model.kernels is not None
+    kernels = fused.runner.model.kernels
+    assert fused.attention_backend == "cpu" and kernels is not None
+    # The linear layers run thaw's matrix multiply wherever the kernels have it.
+    fused_layer = fused.runner.model.weights.layers[0]
+    onednn = "onednn" if packing_supported(torch.bfloat16, torch.device("cpu")) else "plain"
+    expected = "thaw" if kernels.gemm_available else onednn
+    assert {fused_layer.qkv.layout, fused_layer.down.layout} == {expected}
+    assert fused.runner.model.weights.lm_head.layout == expected
     exact = tiny.engine(dtype=torch.float32)
     assert exact.attention_backend == "torch" and exact.runner.model.kernels is None
+    assert exact.runner.model.weights.layers[0].qkv.layout == "plain"
     off = tiny.engine(dtype=torch.bfloat16, cpu_kernels=False)
     assert off.attention_backend == "torch" and off.runner.model.kernels is None
+    assert off.runner.model.weights.layers[0].qkv.layout != "thaw"
     with pytest.raises(ValueError, match="bfloat16 on the CPU only"):
         tiny.engine(dtype=torch.float32, attention_backend="cpu")
 

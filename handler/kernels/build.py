@@ -1,4 +1,4 @@
-"""Compiling cpu_kernels.c into a shared library, cached per source, compiler flags and CPU.
+"""Compiling the C kernels into one shared library, cached per source, compiler flags and CPU.
 
 `scripts/setup.sh` builds it (`python -m handler.kernels.build`), so serving only loads it. The
 library is tuned for the CPU it is built on (-march=native); the CPU's model and flags are part
@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# The fused kernels and the matrix multiply, one library.
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_gemm.c")]
 LIBRARY_NAME = "libthaw_cpu_kernels.so"
 # -fopenmp: parallel loops on torch's own OpenMP runtime (same libgomp soname, loaded first).
 # -fno-math-errno lets expf vectorise. No -ffast-math: NaN/inf must behave.
@@ -60,7 +61,8 @@ def library_path(
 ) -> Path:
     """Where the library for this source, compiler, target and CPU lives (built or not)."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join([*FLAGS, march]).encode(), (cc or "").encode()):
+    sources = [source.read_bytes() for source in SOURCES]
+    for part in (*sources, " ".join([*FLAGS, march]).encode(), (cc or "").encode()):
         key.update(part)
         key.update(b"\0")
     key.update(cpu_fingerprint().encode())
@@ -81,13 +83,14 @@ def build(cache_dir: Path | None = None, march: str = DEFAULT_MARCH) -> Path:
         partial = Path(tmp.name)
     try:
         result = subprocess.run(
-            [cc, *FLAGS, f"-march={march}", str(SOURCE), "-o", str(partial), "-lm"],
+            [cc, *FLAGS, f"-march={march}", *map(str, SOURCES), "-o", str(partial), "-lm"],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise KernelBuildError(f"{cc} failed on {SOURCE.name}:\n{result.stderr.strip()}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise KernelBuildError(f"{cc} failed on {names}:\n{result.stderr.strip()}")
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)

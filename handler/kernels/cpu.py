@@ -34,6 +34,9 @@ class CpuKernels:
         self._norm = lib.thaw_add_rms_norm
         self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
         self._norm.restype = None
+        self._norm_f32 = lib.thaw_add_rms_norm_f32
+        self._norm_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+        self._norm_f32.restype = None
         self._rotary = lib.thaw_rotary
         self._rotary.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
         self._rotary.restype = None
@@ -49,6 +52,17 @@ class CpuKernels:
         self._lse = lib.thaw_logsumexp_rows
         self._lse.argtypes = [_ptr, _i64, _i64, _ptr]
         self._lse.restype = None
+        # The matrix multiply (cpu_gemm.c) needs AVX-512 BF16; a portable build lacks it.
+        self.gemm_available = bool(lib.thaw_gemm_available())
+        self._gemm_size = lib.thaw_gemm_packed_size
+        self._gemm_size.argtypes = [_i64, _i64]
+        self._gemm_size.restype = _i64
+        self._gemm_pack = lib.thaw_gemm_pack
+        self._gemm_pack.argtypes = [_ptr, _i64, _i64, _ptr]
+        self._gemm_pack.restype = None
+        self._gemm = lib.thaw_gemm
+        self._gemm.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+        self._gemm.restype = ctypes.c_int
 
     def add_rms_norm(
         self,
@@ -58,10 +72,18 @@ class CpuKernels:
         eps: float,
         check: bool = True,
     ) -> torch.Tensor:
-        """hidden += delta (in place, when given), then RMS-normed hidden times weight."""
+        """hidden += delta (in place, when given), then RMS-normed hidden times weight, bf16.
+
+        hidden: bf16, or float32 for a residual stream kept unrounded; delta, weight: bf16.
+        """
         rows, dim = hidden.shape
+        stream32 = hidden.dtype == torch.float32
         if check:
-            _check_rows(hidden, "hidden")
+            if stream32:
+                if hidden.device.type != "cpu" or hidden.dim() != 2 or not hidden.is_contiguous():
+                    raise ValueError("a float32 hidden must be a contiguous CPU [rows, dim] tensor")
+            else:
+                _check_rows(hidden, "hidden")
             if delta is not None:
                 _check_rows(delta, "delta")
                 if delta.shape != hidden.shape:
@@ -69,8 +91,8 @@ class CpuKernels:
             _check_rows(weight.view(1, -1), "weight")
             if weight.numel() != dim:
                 raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
-        out = torch.empty_like(hidden)
-        self._norm(
+        out = torch.empty(rows, dim, dtype=torch.bfloat16)
+        (self._norm_f32 if stream32 else self._norm)(
             hidden.data_ptr(),
             None if delta is None else delta.data_ptr(),
             weight.data_ptr(),
@@ -79,6 +101,62 @@ class CpuKernels:
             dim,
             eps,
         )
+        return out
+
+    def pack_gemm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [n, k] (bf16, k even) -> the 1-D packed panels gemm() reads (cpu_gemm.c)."""
+        if not self.gemm_available:
+            raise ValueError("this kernel build has no matrix multiply (it needs AVX-512 BF16)")
+        _check_rows(weight, "weight")
+        n, k = weight.shape
+        if n < 1 or k < 2 or k % 2:
+            raise ValueError(f"weight must be [n >= 1, k] with k even and >= 2, got [{n}, {k}]")
+        packed = torch.empty(self._gemm_size(n, k), dtype=torch.bfloat16)
+        self._gemm_pack(weight.data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def gemm(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """x [rows, k] . weight^T (+ bias) -> bf16 [rows, out_features], weight packed by
+        pack_gemm_weight from [out_features, k]; bias float32 [out_features] or None.
+
+        x's rows may be strided (a slice of a wider tensor); its columns must be contiguous.
+        """
+        if check and x.dim() != 2:
+            raise ValueError(f"x must be [rows, k], got {x.dim()} dimensions")
+        rows, k = x.shape
+        if check:
+            _check_bf16(x, "x")
+            if x.stride(1) != 1 or (rows > 1 and x.stride(0) < k) or k % 2:
+                raise ValueError("x must be [rows, k] with contiguous columns and k even")
+            if not self.gemm_available:
+                raise ValueError("this kernel build has no matrix multiply")
+            _check_bf16(packed, "packed")
+            if packed.dim() != 1 or packed.numel() != self._gemm_size(out_features, k):
+                raise ValueError(f"packed weight does not hold [{out_features}, {k}]")
+            if bias is not None and (
+                bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.stride(0) != 1
+            ):
+                raise ValueError(f"bias must be a contiguous float32 tensor of {out_features}")
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        if rows:
+            self._gemm(
+                x.data_ptr(),
+                x.stride(0),
+                packed.data_ptr(),
+                None if bias is None else bias.data_ptr(),
+                out.data_ptr(),
+                out_features,
+                rows,
+                out_features,
+                k,
+            )
         return out
 
     def silu_mul(self, gate_up: torch.Tensor, check: bool = True) -> torch.Tensor:

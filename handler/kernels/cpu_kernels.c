@@ -103,6 +103,32 @@ void thaw_add_rms_norm(bf16 *hidden, const bf16 *delta, const bf16 *weight, bf16
 }
 
 /*
+ * thaw_add_rms_norm over a float32 residual stream (hidden), bf16 delta, weight and output:
+ *   if delta: hidden += delta in float32 (no rounding of the stream)
+ *   out = bf16(hidden * rsqrt(mean(hidden^2) + eps) * weight)
+ * The serving path keeps the stream in float32: rounding it to bf16 after each of a model's 2 x
+ * layers adds is the largest drift from float32 results there (tests measure it).
+ */
+void thaw_add_rms_norm_f32(float *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
+                           int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel for schedule(static) if (rows > 4)
+    for (int64_t r = 0; r < rows; r++) {
+        float *h = hidden + r * dim;
+        if (delta != NULL) {
+            const bf16 *d = delta + r * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++) h[i] += bf16_to_f32(d[i]);
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < dim; i++) sum += h[i] * h[i];
+        float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        bf16 *o = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(h[i] * inv * bf16_to_f32(weight[i]));
+    }
+}
+
+/*
  * Rotary embedding in place, "rotate half" layout, on `heads` heads of each row of x:
  *   x[i] = x[i] * cos - x[i + half] * sin,  x[i + half] = x[i + half] * cos + x[i] * sin
  * cos/sin: float32 [max_positions, half] per frequency.
@@ -161,16 +187,22 @@ static inline __m512 exp16(__m512 x) {
 }
 
 /*
- * The cache rows of one step are cold (the step streamed all the weights since they were last
- * read), and a KV head's rows are kv_width apart: too sparse for the hardware prefetcher.
- * Fetch rows this far ahead.
+ * The cache rows of a step are cold (the step streamed all the weights since they were last
+ * read). Values are read a KV head's slice per row, too sparse for the hardware prefetcher:
+ * they are fetched whole while the keys of the same rows are read.
  */
-#define PREFETCH_ROWS 8
-static inline void prefetch_row(const bf16 *cache, const int32_t *table, int64_t j, int64_t len,
-                                int64_t block_size, int64_t kv_width, int64_t width) {
-    if (j >= len) return;
-    const char *row = (const char *)(cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width);
-    for (int64_t byte = 0; byte < width * (int64_t)sizeof(bf16); byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+static inline void prefetch_rows(const bf16 *cache, const int32_t *table, int64_t first,
+                                 int64_t end, int64_t block_size, int64_t kv_width, int64_t bytes,
+                                 int hint_l1) {
+    for (int64_t j = first; j < end; j++) {
+        const char *row = (const char *)(cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width);
+        for (int64_t byte = 0; byte < bytes; byte += 64) {
+            if (hint_l1)
+                _mm_prefetch(row + byte, _MM_HINT_T0);
+            else
+                _mm_prefetch(row + byte, _MM_HINT_T1);
+        }
+    }
 }
 
 static inline __m512 widen16(const bf16 *src) {
@@ -179,77 +211,155 @@ static inline __m512 widen16(const bf16 *src) {
 }
 
 /*
- * Decode attention of one sequence for `nkv` consecutive KV heads (all of them, or one) with
- * AVX-512: q.k by vdpbf16ps (bf16 pairs multiplied exactly, summed in float32), 16-lane
- * softmax, values widened and accumulated in float32. Taking every KV head of a sequence reads
- * its cache rows whole and in order, which the hardware prefetcher streams well. head_dim must
- * be a multiple of 32 and nkv * group * head_dim / 16 at most ACC_REGS (the caller checks).
+ * Lane i of the result = the sum of v[i]'s 16 lanes: four levels of shuffle-and-add (15 adds)
+ * instead of 16 horizontal reductions of 4 dependent shuffles each. A final permute puts the
+ * sums back in order (tests/test_cpu_kernels.py checks it through the attention output).
  */
-#define ACC_REGS 512
+static inline __attribute__((always_inline)) __m512 sum16x16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    /* a[i]: its low half is v[i] folded to 8 partial sums, its high half v[i + 8]. */
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44),
+                             _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    /* b[i]: its 128-bit lanes hold 4 partials of v[i], v[i + 8], v[i + 4], v[i + 12]. */
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88),
+                             _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+    /* c[i]: per 128-bit lane, 2 partials of b[i]'s vector, then 2 of b[i + 2]'s. */
+    for (int i = 0; i < 2; i++) {
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[i]), _mm512_castps_pd(b[i + 2]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[i]), _mm512_castps_pd(b[i + 2]));
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    /* Lane 4L + r now holds the sum of v[o[L] + s[r]], o = {0, 8, 4, 12}, s = {0, 2, 1, 3}. */
+    __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88),
+                             _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    const __m512i order = _mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0);
+    return _mm512_permutexvar_ps(order, d);
+}
+
+/*
+ * P.V for `gc` (a constant after inlining) query heads of one KV head: every value row is
+ * widened once and multiplied into all of them, the accumulators stay in registers
+ * (gc * lanes <= 16), and each head's output is scaled by 1 / its softmax total at the end.
+ */
+static inline __attribute__((always_inline)) void weighted_values(
+    const int gc, bf16 *out, const bf16 *v_cache, const int32_t *table, int64_t len,
+    int64_t kv_width, int64_t block_size, const float *scores, int64_t stride, const float *inv,
+    const int64_t head_dim) {
+    const int64_t lanes = head_dim / 16;
+    if (gc * lanes > 16) return; /* never: the caller sizes gc; lets the compiler see bounds */
+    __m512 acc[16];
+    for (int i = 0; i < gc * lanes; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const bf16 *vrow = v_cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width;
+        __m512 v[16];
+        for (int64_t c = 0; c < lanes; c++) v[c] = widen16(vrow + 16 * c);
+        for (int g = 0; g < gc; g++) {
+            __m512 p = _mm512_set1_ps(scores[g * stride + j]);
+            for (int64_t c = 0; c < lanes; c++)
+                acc[g * lanes + c] = _mm512_fmadd_ps(p, v[c], acc[g * lanes + c]);
+        }
+    }
+    for (int g = 0; g < gc; g++) {
+        __m512 scale = _mm512_set1_ps(inv[g]);
+        for (int64_t c = 0; c < lanes; c++) {
+            /* VCVTNEPS2BF16 rounds to nearest even, as f32_to_bf16 does. */
+            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g * lanes + c], scale));
+            _mm256_storeu_si256((__m256i *)(out + g * head_dim + 16 * c), rounded);
+        }
+    }
+}
+
+/*
+ * Decode attention of one sequence for `nkv` consecutive KV heads (all of them, or one), AVX-512:
+ * - scores 16 keys at a time: q.k by vdpbf16ps (bf16 pairs multiplied exactly, summed in
+ *   float32), the 16 dot products of a head reduced together by sum16x16. Every KV head of the
+ *   task is done per 16 rows, so cache rows are read whole and in order (the hardware
+ *   prefetcher streams them) while the same rows' values are prefetched into L2 for P.V;
+ * - softmax in float32 over the whole context, left unnormalised;
+ * - P.V in float32 by weighted_values, per KV head, groups of heads that fit the registers.
+ * head_dim: a multiple of 32, at most 256, a literal for the common size. scores: scratch of
+ * nkv * group * (round_up(len, 16) + 1) floats.
+ */
 static inline __attribute__((always_inline)) void attend_avx512(
     bf16 *out, const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, const int32_t *table,
     int64_t len, int64_t nkv, int64_t group, int64_t kv_width, int64_t block_size, float scale,
-    float *scores, int64_t head_dim) {
-    const int64_t pairs = head_dim / 32; /* 32 bf16 per vdpbf16ps */
-    const int64_t lanes = head_dim / 16; /* 16 floats per register */
+    float *scores, const int64_t head_dim) {
+    const int64_t chunks = head_dim / 32; /* 32 bf16 per vdpbf16ps */
+    const int64_t stride = (len + 15) & ~(int64_t)15;
     const int64_t heads = nkv * group;
-    for (int64_t j = 0; j < len; j++) {
-        int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-        const bf16 *krow = k_cache + slot * kv_width;
-        prefetch_row(k_cache, table, j + PREFETCH_ROWS, len, block_size, kv_width, nkv * head_dim);
+    const int64_t row_bytes = (int64_t)sizeof(bf16) * nkv * head_dim;
+    const __m512 scale16 = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const bf16 *rows[16];
+        for (int i = 0; i < 16; i++) {
+            /* Past the context: repeat the last key; its score is never stored. */
+            int64_t j = j0 + i < len ? j0 + i : len - 1;
+            rows[i] = k_cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width;
+        }
+        int64_t end = j0 + 16 < len ? j0 + 16 : len, next_end = j0 + 32 < len ? j0 + 32 : len;
+        prefetch_rows(k_cache, table, end, next_end, block_size, kv_width, row_bytes, 1);
+        prefetch_rows(v_cache, table, j0, end, block_size, kv_width, row_bytes, 0);
+        __mmask16 valid = len - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - j0)) - 1u);
         for (int64_t h = 0; h < heads; h++) {
-            const bf16 *qh = q + h * head_dim, *kh = krow + (h / group) * head_dim;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < pairs; c++) {
+            const bf16 *qh = q + h * head_dim;
+            const int64_t offset = (h / group) * head_dim;
+            __m512 dots[16];
+            for (int i = 0; i < 16; i++) dots[i] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
                 __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qh + 32 * c));
-                __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(kh + 32 * c));
-                acc = _mm512_dpbf16_ps(acc, qv, kv);
+                for (int i = 0; i < 16; i++)
+                    dots[i] = _mm512_dpbf16_ps(
+                        dots[i], qv,
+                        (__m512bh)_mm512_loadu_si512((const void *)(rows[i] + offset + 32 * c)));
             }
-            scores[h * len + j] = _mm512_reduce_add_ps(acc) * scale;
+            _mm512_mask_storeu_ps(scores + h * stride + j0, valid,
+                                  _mm512_mul_ps(sum16x16(dots), scale16));
         }
     }
+    float *inv = scores + heads * stride;
     for (int64_t h = 0; h < heads; h++) {
-        float *sg = scores + h * len;
+        float *sh = scores + h * stride;
         __m512 peak = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
-        for (; j + 16 <= len; j += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(sg + j));
+        for (; j + 16 <= len; j += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(sh + j));
         __mmask16 tail = (__mmask16)((1u << (len - j)) - 1u);
-        peak = _mm512_mask_max_ps(peak, tail, peak, _mm512_maskz_loadu_ps(tail, sg + j));
+        peak = _mm512_mask_max_ps(peak, tail, peak, _mm512_maskz_loadu_ps(tail, sh + j));
         __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
         __m512 total = _mm512_setzero_ps();
         for (j = 0; j + 16 <= len; j += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), top));
-            _mm512_storeu_ps(sg + j, e);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + j), top));
+            _mm512_storeu_ps(sh + j, e);
             total = _mm512_add_ps(total, e);
         }
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), top));
-        _mm512_mask_storeu_ps(sg + j, tail, e);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sh + j), top));
+        _mm512_mask_storeu_ps(sh + j, tail, e);
         total = _mm512_mask_add_ps(total, tail, total, e);
-        float inv = 1.0f / _mm512_reduce_add_ps(total);
-        for (j = 0; j < len; j++) sg[j] *= inv;
+        inv[h] = 1.0f / _mm512_reduce_add_ps(total);
     }
-    __m512 acc[ACC_REGS]; /* [heads][lanes] */
-    for (int64_t i = 0; i < heads * lanes; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; j++) {
-        int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
-        const bf16 *vrow = v_cache + slot * kv_width;
-        prefetch_row(v_cache, table, j + PREFETCH_ROWS, len, block_size, kv_width, nkv * head_dim);
-        for (int64_t kv = 0; kv < nkv; kv++) {
-            __m512 v[16];
-            for (int64_t c = 0; c < lanes; c++) v[c] = widen16(vrow + kv * head_dim + 16 * c);
-            for (int64_t g = 0; g < group; g++) {
-                int64_t h = kv * group + g;
-                __m512 p = _mm512_set1_ps(scores[h * len + j]);
-                for (int64_t c = 0; c < lanes; c++)
-                    acc[h * lanes + c] = _mm512_fmadd_ps(p, v[c], acc[h * lanes + c]);
+    /* Heads per pass of weighted_values: as many as keep its accumulators in 16 registers. */
+    const int64_t per_pass = 16 / (head_dim / 16);
+    for (int64_t kv = 0; kv < nkv; kv++) {
+        const bf16 *vc = v_cache + kv * head_dim;
+        for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
+            int64_t gc = group - g0 < per_pass ? group - g0 : per_pass;
+            int64_t h = kv * group + g0;
+            bf16 *o = out + h * head_dim;
+            const float *sh = scores + h * stride;
+#define THAW_VALUES(G) \
+    weighted_values(G, o, vc, table, len, kv_width, block_size, sh, stride, inv + h, head_dim)
+            switch (gc) {
+            case 8: THAW_VALUES(8); break;
+            case 7: THAW_VALUES(7); break;
+            case 6: THAW_VALUES(6); break;
+            case 5: THAW_VALUES(5); break;
+            case 4: THAW_VALUES(4); break;
+            case 3: THAW_VALUES(3); break;
+            case 2: THAW_VALUES(2); break;
+            default: THAW_VALUES(1); break;
             }
-        }
-    }
-    for (int64_t h = 0; h < heads; h++) {
-        for (int64_t c = 0; c < lanes; c++) {
-            float lane[16];
-            _mm512_storeu_ps(lane, acc[h * lanes + c]);
-            for (int64_t d = 0; d < 16; d++) out[h * head_dim + 16 * c + d] = f32_to_bf16(lane[d]);
+#undef THAW_VALUES
         }
     }
 }
@@ -331,15 +441,17 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
     int64_t kv_width = kv_heads * head_dim;
     int failed = 0;
 #ifdef THAW_AVX512_BF16
-    if (head_dim % 32 == 0 && group * (head_dim / 16) <= ACC_REGS) {
-        /* A task per sequence when there are enough of them to share out, else per KV head. */
-        int64_t nkv = seqs >= 8 && heads * (head_dim / 16) <= ACC_REGS ? kv_heads : 1;
+    if (head_dim % 32 == 0 && head_dim <= 256) {
+        /* A task per sequence when there are enough of them to share out (its KV heads then
+         * read the cache rows in order), else per (sequence, KV head). */
+        int64_t nkv = seqs >= 8 ? kv_heads : 1;
         int64_t parts = kv_heads / nkv;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
         for (int64_t s = 0; s < seqs; s++) {
             for (int64_t part = 0; part < parts; part++) {
                 int64_t len = context_lens[s];
-                float *scores = malloc(sizeof(float) * (size_t)(nkv * group * len));
+                int64_t stride = (len + 15) & ~(int64_t)15;
+                float *scores = malloc(sizeof(float) * (size_t)(nkv * group * (stride + 1)));
                 if (scores == NULL) {
                     failed = 1;
                     continue;

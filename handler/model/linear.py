@@ -1,43 +1,92 @@
-"""Linear layers: plain F.linear, or oneDNN with the weight packed once at load.
+"""Linear layers: thaw's own bf16 matrix multiply, oneDNN with a packed weight, or F.linear.
 
-torch's bfloat16 F.linear on the CPU already runs oneDNN, but on a plain [out, in] weight it
-re-lays the weight out into oneDNN's blocked format on every call. A step of 32 decodes streams
-all 270 MB of SmolLM2's weights, so that per-call reorder costs a quarter of the matmul time.
-Packing once at load removes it; the kernel and its summation order are unchanged, so outputs
-are bit-identical to F.linear (tests check it). float32 stays on F.linear: there torch uses MKL,
-a different kernel whose results differ in the last bits from transformers'.
+On the CPU in bfloat16 every weight is packed once at load, because a decode step of 32
+sequences streams all 270 MB of SmolLM2's weights and what the matmul does per weight byte
+decides the step's time:
+
+- "thaw": handler/kernels/cpu_gemm.c, when the CPU kernels are built with AVX-512 BF16. The
+  weight is re-laid into 48-column panels that stream in order and stay in L2 while every
+  8-row tile of the batch passes over them. Measured here at 32 rows: 22 ms for SmolLM2's
+  linear layers against oneDNN's 29 ms (bench: `thaw bench engine`, its packed ceiling).
+  float32 accumulation like oneDNN, but another summation order: outputs differ from F.linear
+  in the last bf16 bit now and then (tests bound it against a float64 reference).
+- "onednn": torch's own bf16 kernel with the weight in oneDNN's blocked layout, done once
+  instead of on every call; bit-identical to F.linear. Used where the kernels are unavailable.
+- "plain": F.linear. float32 always stays here: torch uses MKL there, and a different kernel
+  would break token-exactness with transformers.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from handler.kernels.cpu import CpuKernels
+
 # The batch size oneDNN tunes the packed layout for; any batch size is accepted at run time.
 PACKING_BATCH_HINT = 32
+
+Layout = Literal["plain", "onednn", "thaw"]
 
 
 @dataclass
 class Linear:
-    weight: torch.Tensor  # [out_features, in_features]; an opaque oneDNN tensor when packed
-    bias: torch.Tensor | None = None
-    packed: bool = False
+    # [out_features, in_features] when plain; an opaque oneDNN tensor, or thaw's 1-D panels.
+    weight: torch.Tensor
+    bias: torch.Tensor | None  # float32 for "thaw", the weight's dtype otherwise
+    out_features: int
+    in_features: int
+    layout: Layout = "plain"
+    kernels: CpuKernels | None = None  # set for "thaw"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+    @property
+    def packed(self) -> bool:
+        return self.layout != "plain"
+
+    def __call__(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """check=False skips the argument checks of the "thaw" kernel: for callers that have
+        already run this layer's shapes and dtypes once (a forward pass after its first layer)."""
+        if self.kernels is not None:
+            return self.kernels.gemm(x, self.weight, self.out_features, self.bias, check)
+        if self.layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Linear:
-    """A Linear over weight [out, in]; packed for oneDNN when pack and packing_supported()."""
+def make_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pack: bool,
+    kernels: CpuKernels | None = None,
+) -> Linear:
+    """A Linear over weight [out, in]. With pack, the fastest layout available here: thaw's
+    kernel (given kernels that have it), else oneDNN's where packing_supported(), else plain."""
+    out_features, in_features = weight.shape
+    if pack and thaw_gemm_supported(weight, kernels):
+        assert kernels is not None
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        packed = kernels.pack_gemm_weight(weight.contiguous())
+        return Linear(packed, bias32, out_features, in_features, "thaw", kernels)
     if pack and packing_supported(weight.dtype, weight.device):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_HINT)
-        return Linear(packed, bias, packed=True)
-    return Linear(weight, bias)
+        return Linear(packed, bias, out_features, in_features, "onednn")
+    return Linear(weight, bias, out_features, in_features)
+
+
+def thaw_gemm_supported(weight: torch.Tensor, kernels: CpuKernels | None) -> bool:
+    """bfloat16 CPU weights with an even input width, and kernels built with the multiply."""
+    return (
+        kernels is not None
+        and kernels.gemm_available
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.shape[1] % 2 == 0
+    )
 
 
 @functools.lru_cache(maxsize=8)

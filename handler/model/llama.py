@@ -30,13 +30,14 @@ class LlamaModel:
         pack_weights: bool = True,
         kernels: CpuKernels | None = None,
     ) -> None:
-        """kernels: run norms, rotary and SiLU with the fused CPU kernels (bfloat16 on the CPU);
-        compute_logits then returns bfloat16 logits for their sampler."""
+        """kernels: run norms, rotary, SiLU and (where built) the linear layers' matrix multiply
+        with the fused CPU kernels (bfloat16 on the CPU); compute_logits then returns bfloat16
+        logits for their sampler."""
         self.config = config
         self.dtype = dtype
         self.device = device
         self.backend = backend
-        self.weights = load_weights(config, tensors, dtype, device, pack_weights)
+        self.weights = load_weights(config, tensors, dtype, device, pack_weights, kernels)
         self.rope = RotaryEmbedding(config.rope, config.head_dim, max_positions, dtype, device)
         self.scale = config.head_dim**-0.5
         q_size = config.num_heads * config.head_dim
@@ -52,7 +53,8 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv_caches: KVCaches,
     ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] before the final norm; writes this step's KV."""
+        """Hidden states [num_tokens, hidden] before the final norm (float32 with the CPU
+        kernels, else the model's dtype); writes this step's KV."""
         if self.kernels is not None:
             return self._forward_fused(input_ids, positions, meta, kv_caches, self.kernels)
         self.backend.prepare(meta)
@@ -81,7 +83,9 @@ class LlamaModel:
         heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
         check_range(positions, "positions", 0, self.rope.cos_half.shape[0])
         self.backend.prepare(meta)
-        hidden = F.embedding(input_ids, self.weights.embed)
+        # The residual stream stays float32 (each layer's bf16 outputs added unrounded): the
+        # rounding of bf16 residual adds is the main drift from float32 results otherwise.
+        hidden = F.embedding(input_ids, self.weights.embed).float()
         num_tokens = hidden.shape[0]
         delta: torch.Tensor | None = None
         rope = self.rope
@@ -90,7 +94,7 @@ class LlamaModel:
         ):
             check = index == 0  # every layer has the first one's shapes and dtypes
             normed = kernels.add_rms_norm(hidden, delta, layer.input_norm, eps, check)
-            qkv = layer.qkv(normed)
+            qkv = layer.qkv(normed, check)
             kernels.rotary(
                 qkv, heads + kv_heads, cfg.head_dim, positions, rope.cos_half, rope.sin_half, check
             )
@@ -98,9 +102,9 @@ class LlamaModel:
             k = qkv[:, heads * cfg.head_dim : self._qk_size].view(num_tokens, kv_heads, -1)
             v = qkv[:, self._qk_size :].view(num_tokens, kv_heads, -1)
             out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-            attended = layer.o(out.reshape(num_tokens, -1))
+            attended = layer.o(out.reshape(num_tokens, -1), check)
             normed = kernels.add_rms_norm(hidden, attended, layer.post_norm, eps, check)
-            delta = layer.down(kernels.silu_mul(layer.gate_up(normed), check))
+            delta = layer.down(kernels.silu_mul(layer.gate_up(normed, check), check), check)
         if delta is not None:
             hidden.add_(delta)
         return hidden

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from handler.kernels.cpu import CpuKernels
 from handler.model.config import ModelConfig
 from handler.model.linear import Linear, make_linear
 
@@ -38,8 +39,10 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     pack: bool = True,
+    kernels: CpuKernels | None = None,
 ) -> ModelWeights:
-    """pack: let linear layers pack their weights where that is faster (see linear.py)."""
+    """pack: let linear layers pack their weights where that is faster (see linear.py);
+    kernels: the CPU kernels, whose matrix multiply is the fastest packing where it runs."""
 
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -53,7 +56,7 @@ def load_weights(
         return torch.cat([take(n) for n in names], dim=0).contiguous()
 
     def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        return make_linear(weight, bias, pack)
+        return make_linear(weight, bias, pack, kernels)
 
     layers = []
     for i in range(config.num_layers):
