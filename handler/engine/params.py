@@ -98,12 +98,13 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9
     cuda_graph_max_batch: int = 64  # decode CUDA graphs up to this batch; 0 = off (CUDA only)
     snapshot_dir: str | None = None  # where the warm profile is read and recorded, if any
-    # Pack bfloat16 CPU weights for oneDNN at load (handler/model/linear.py): same outputs,
-    # faster matmuls, a copy of the weights in memory instead of the mapped files.
+    # Pack bfloat16 CPU weights at load (handler/model/linear.py): for thaw's matrix multiply
+    # when the kernels have it, else for oneDNN (same outputs as F.linear). Faster matmuls, a
+    # copy of the weights in memory instead of the mapped files.
     pack_cpu_weights: bool = True
-    # Fused C kernels (norms, rotary, SiLU, paged attention, the sampler's normaliser) with
-    # bfloat16 on the CPU (handler/kernels); float32 keeps plain torch ops, bit-exact with
-    # transformers.
+    # Fused C kernels (norms over a float32 residual stream, rotary, SiLU, paged attention, the
+    # linear layers' matrix multiply, the sampler's normaliser) with bfloat16 on the CPU
+    # (handler/kernels); float32 keeps plain torch ops, bit-exact with transformers.
     cpu_kernels: bool = True
 
 
