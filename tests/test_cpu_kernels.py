@@ -44,22 +44,6 @@ def _bf16(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
 
-def test_add_rms_norm_is_one_rounding_of_the_float32_norm(kernels: CpuKernels) -> None:
-    gen = _gen()
-    hidden, delta = _bf16(6, 576, gen=gen), _bf16(6, 576, gen=gen)
-    weight = torch.rand(576, generator=gen).to(torch.bfloat16)
-    expected_hidden = hidden + delta
-    x = expected_hidden.float()
-    exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
-    out = kernels.add_rms_norm(hidden, delta, weight, 1e-5)
-    assert torch.equal(hidden, expected_hidden)  # the residual add happened in place
-    # Rounded once: within half a bf16 step of the float32 value (summation order aside).
-    assert torch.all((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6)
-    # Without a delta the hidden state is left alone.
-    again = kernels.add_rms_norm(hidden, None, weight, 1e-5)
-    assert torch.equal(hidden, expected_hidden) and torch.equal(again, out)
-
-
 def test_silu_mul_is_one_rounding_of_the_float32_product(kernels: CpuKernels) -> None:
     gen = _gen(4)
     gate_up = (torch.randn(5, 2 * 200, generator=gen) * 6).to(torch.bfloat16)  # tail of 8
@@ -176,12 +160,18 @@ def test_add_rms_norm_keeps_a_float32_residual_stream_unrounded(kernels: CpuKern
     weight = torch.rand(576, generator=gen).to(torch.bfloat16)
     expected_hidden = hidden + delta.float()
     out = kernels.add_rms_norm(hidden, delta, weight, 1e-5)
-    # The add happened in place in float32 (summation order aside).
+    # The add happened in place, in float32 (summation order aside): nothing rounded to bf16.
     assert torch.allclose(hidden, expected_hidden, rtol=0, atol=1e-6)
+    assert not torch.equal(hidden, hidden.to(torch.bfloat16).float())
     x = expected_hidden.double()
     exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    # Rounded once: within half a bf16 step of the exact value.
     assert out.dtype == torch.bfloat16
     assert torch.all((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6)
+    # Without a delta the stream is left alone.
+    before = hidden.clone()
+    again = kernels.add_rms_norm(hidden, None, weight, 1e-5)
+    assert torch.equal(hidden, before) and torch.equal(again, out)
 
 
 def test_bad_arguments_raise_instead_of_reading_wrong_memory() -> None:
@@ -189,18 +179,19 @@ def test_bad_arguments_raise_instead_of_reading_wrong_memory() -> None:
     assert kernels is not None
     hidden = torch.zeros(2, 8, dtype=torch.bfloat16)
     weight = torch.ones(8, dtype=torch.bfloat16)
+    stream = hidden.float()
+    with pytest.raises(ValueError, match="float32"):
+        kernels.add_rms_norm(hidden, None, weight, 1e-5)  # a bf16 stream
     with pytest.raises(ValueError, match="bfloat16"):
-        kernels.add_rms_norm(hidden.float(), None, weight.float(), 1e-5)
+        kernels.add_rms_norm(stream, None, weight.float(), 1e-5)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.add_rms_norm(torch.zeros(8, 4).t(), None, weight, 1e-5)
     with pytest.raises(ValueError, match="bfloat16"):
-        kernels.add_rms_norm(hidden.float(), hidden.float(), weight, 1e-5)
-    with pytest.raises(ValueError, match="contiguous"):
-        kernels.add_rms_norm(torch.zeros(8, 4, dtype=torch.bfloat16).t(), None, weight, 1e-5)
+        kernels.add_rms_norm(stream, stream, weight, 1e-5)
     with pytest.raises(ValueError, match="weight"):
-        kernels.add_rms_norm(hidden, None, torch.ones(7, dtype=torch.bfloat16), 1e-5)
+        kernels.add_rms_norm(stream, None, torch.ones(7, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="delta"):
-        kernels.add_rms_norm(hidden, torch.zeros(3, 8, dtype=torch.bfloat16), weight, 1e-5)
+        kernels.add_rms_norm(stream, torch.zeros(3, 8, dtype=torch.bfloat16), weight, 1e-5)
     cache = torch.zeros(2, 4, 1, 8, dtype=torch.bfloat16)
     tables = torch.zeros(1, 2, dtype=torch.int32)
     lens = torch.tensor([3], dtype=torch.int32)

@@ -19,7 +19,7 @@ from handler.kernels.build import KernelBuildError, build, compiler, library_pat
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 _f32 = ctypes.c_float
@@ -34,9 +34,6 @@ class CpuKernels:
         self._norm = lib.thaw_add_rms_norm
         self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
         self._norm.restype = None
-        self._norm_f32 = lib.thaw_add_rms_norm_f32
-        self._norm_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
-        self._norm_f32.restype = None
         self._rotary = lib.thaw_rotary
         self._rotary.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
         self._rotary.restype = None
@@ -74,16 +71,14 @@ class CpuKernels:
     ) -> torch.Tensor:
         """hidden += delta (in place, when given), then RMS-normed hidden times weight, bf16.
 
-        hidden: bf16, or float32 for a residual stream kept unrounded; delta, weight: bf16.
+        hidden: the float32 residual stream [rows, dim], never rounded; delta, weight: bf16.
         """
         rows, dim = hidden.shape
-        stream32 = hidden.dtype == torch.float32
         if check:
-            if stream32:
-                if hidden.device.type != "cpu" or hidden.dim() != 2 or not hidden.is_contiguous():
-                    raise ValueError("a float32 hidden must be a contiguous CPU [rows, dim] tensor")
-            else:
-                _check_rows(hidden, "hidden")
+            if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+                raise ValueError(f"hidden must be a float32 CPU tensor, got {hidden.dtype}")
+            if hidden.dim() != 2 or not hidden.is_contiguous():
+                raise ValueError("hidden must be a contiguous [rows, dim] tensor")
             if delta is not None:
                 _check_rows(delta, "delta")
                 if delta.shape != hidden.shape:
@@ -92,7 +87,7 @@ class CpuKernels:
             if weight.numel() != dim:
                 raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
         out = torch.empty(rows, dim, dtype=torch.bfloat16)
-        (self._norm_f32 if stream32 else self._norm)(
+        self._norm(
             hidden.data_ptr(),
             None if delta is None else delta.data_ptr(),
             weight.data_ptr(),

@@ -63,7 +63,7 @@ static inline float approx_expf(float x) {
     return x != x ? x : p * scale.f; /* NaN stays NaN */
 }
 
-int thaw_kernels_abi(void) { return 1; }
+int thaw_kernels_abi(void) { return 2; }
 
 /* Bit 0: compiled with the AVX-512 BF16 attention path. */
 int thaw_kernels_features(void) {
@@ -75,42 +75,15 @@ int thaw_kernels_features(void) {
 }
 
 /*
- * RMS norm with an optional residual add first, over rows of `dim`:
- *   if delta: hidden += delta (rounded to bf16, as torch's bf16 add: the residual stream)
+ * RMS norm with an optional residual add first, over rows of `dim`; the residual stream
+ * (hidden) is float32, delta, weight and output bf16:
+ *   if delta: hidden += delta in float32 (the stream is never rounded)
  *   out = bf16(hidden * rsqrt(mean(hidden^2) + eps) * weight), one rounding
- * (transformers rounds before the weight too; one rounding is closer to float32, and measured
- * so: tests/test_engine_cpu_kernels.py).
+ * transformers keeps the stream in bf16, rounding it after each of a model's 2 x layers adds:
+ * the largest drift from float32 results (tests/test_engine_cpu_kernels.py measures it).
  */
-void thaw_add_rms_norm(bf16 *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
+void thaw_add_rms_norm(float *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
                        int64_t rows, int64_t dim, float eps) {
-#pragma omp parallel for schedule(static) if (rows > 4)
-    for (int64_t r = 0; r < rows; r++) {
-        bf16 *h = hidden + r * dim;
-        if (delta != NULL) {
-            const bf16 *d = delta + r * dim;
-            for (int64_t i = 0; i < dim; i++) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(d[i]));
-        }
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < dim; i++) {
-            float x = bf16_to_f32(h[i]);
-            sum += x * x;
-        }
-        float inv = 1.0f / sqrtf(sum / (float)dim + eps);
-        bf16 *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(h[i]) * inv * bf16_to_f32(weight[i]));
-    }
-}
-
-/*
- * thaw_add_rms_norm over a float32 residual stream (hidden), bf16 delta, weight and output:
- *   if delta: hidden += delta in float32 (no rounding of the stream)
- *   out = bf16(hidden * rsqrt(mean(hidden^2) + eps) * weight)
- * The serving path keeps the stream in float32: rounding it to bf16 after each of a model's 2 x
- * layers adds is the largest drift from float32 results there (tests measure it).
- */
-void thaw_add_rms_norm_f32(float *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
-                           int64_t rows, int64_t dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows > 4)
     for (int64_t r = 0; r < rows; r++) {
         float *h = hidden + r * dim;
