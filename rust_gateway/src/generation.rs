@@ -1,6 +1,6 @@
 //! Text generation on top of the engine: the boundary every HTTP surface uses.
 //!
-//! [`Generator::generate`] takes a [`GenerateRequest`] (prompt ids, validated params, stop
+//! [`Generator::generate`] takes a [`ValidRequest`] (prompt ids, validated params, stop
 //! strings) and returns a [`TextStream`] of [`TextEvent`]s whose tokens carry their text delta.
 //! Text is released incrementally (multi-byte characters complete, stop strings trimmed); a stop
 //! string ends generation with `stop_sequence` and cancels the request in the worker.
@@ -9,18 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::{
-    Engine, EngineError, EngineEvent, FinishReason, Params, SampledToken, TokenRequest, TokenStream,
+    Engine, EngineError, EngineEvent, FinishReason, SampledToken, TokenRequest, TokenStream,
 };
 use crate::metrics::Metrics;
-use crate::model::SharedModel;
+use crate::served_model::SharedModel;
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome};
-
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    pub prompt_ids: Vec<u32>,
-    pub params: Params,
-    pub stop: Vec<String>,
-}
+use crate::validation::ValidRequest;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedToken {
@@ -70,7 +64,7 @@ impl Generator {
     pub fn generate(
         &self,
         model: SharedModel,
-        request: GenerateRequest,
+        request: ValidRequest,
     ) -> Result<TextStream, EngineError> {
         let input_tokens = request.prompt_ids.len();
         let tokens = self.engine.submit(TokenRequest {

@@ -11,14 +11,18 @@ mod jobs;
 mod lifecycle;
 mod logging;
 mod metrics;
-mod model;
 mod openai;
 mod protocol;
 mod readiness;
+mod served_model;
 mod startup;
 mod state;
 mod text;
+mod tgi;
 mod validation;
+
+#[cfg(test)]
+mod layers_tests;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

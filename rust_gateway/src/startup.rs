@@ -1,6 +1,8 @@
 //! The start-up work that runs while the port already answers: load the tokenizer, spawn and
 //! supervise the worker, and read the weights into the page cache.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,8 +13,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::engine::{LogTail, Supervisor, WorkerEvent, WorkerSpec};
 use crate::metrics::Metrics;
-use crate::model;
 use crate::readiness::Readiness;
+use crate::served_model;
 use crate::state::ModelSlot;
 
 /// Lines of worker output kept for /ready.
@@ -81,31 +83,73 @@ pub fn start_worker(
     ))
 }
 
-/// Loads tokenizer and limits off the async threads and publishes them.
+/// Loads tokenizer, chat template and limits off the async threads and publishes them.
 pub fn load_model(config: Arc<Config>, readiness: Arc<Readiness>, slot: watch::Sender<ModelSlot>) {
-    tokio::task::spawn_blocking(move || match model::load(&config.snapshot, &config) {
-        Ok(info) => {
-            readiness.record("tokenizer_loaded");
-            readiness.set_model_loaded();
-            tracing::info!(model = %info.model_id, "tokenizer loaded");
-            slot.send_replace(ModelSlot::Loaded(Arc::new(info)));
-        }
-        Err(reason) => {
-            let reason = format!("cannot load the snapshot's tokenizer: {reason}");
-            tracing::error!(%reason);
-            readiness.set_failed(reason.clone(), Vec::new());
-            slot.send_replace(ModelSlot::Failed(reason));
-        }
-    });
+    tokio::task::spawn_blocking(
+        move || match served_model::load(&config.snapshot, &config) {
+            Ok(info) => {
+                readiness.record("tokenizer_loaded");
+                readiness.set_model_loaded();
+                tracing::info!(model = %info.model_id, "tokenizer loaded");
+                slot.send_replace(ModelSlot::Loaded(Arc::new(info)));
+            }
+            Err(reason) => {
+                let reason = format!("cannot load the snapshot's tokenizer: {reason}");
+                tracing::error!(%reason);
+                readiness.set_failed(reason.clone(), Vec::new());
+                slot.send_replace(ModelSlot::Failed(reason));
+            }
+        },
+    );
 }
 
 pub fn prefetch_weights(dir: &Path, readiness: Arc<Readiness>) {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || match model::prefetch_weights(&dir) {
+    tokio::task::spawn_blocking(move || match read_weights(&dir) {
         Ok(bytes) => {
             readiness.record("weights_prefetched");
             tracing::info!(bytes, "weights read into the page cache");
         }
         Err(err) => tracing::warn!(%err, "cannot prefetch the weights"),
     });
+}
+
+/// Reads every `*.safetensors` file once, sequentially, so that the worker's mmap finds the
+/// pages already cached. Returns the bytes read.
+fn read_weights(dir: &Path) -> std::io::Result<u64> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    files.sort();
+    let mut buffer = vec![0u8; 8 << 20];
+    let mut total = 0u64;
+    for path in files {
+        let mut file = File::open(&path)?;
+        loop {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_reads_only_weight_files() {
+        let dir = std::env::temp_dir().join(format!("thaw-prefetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.safetensors"), vec![1u8; 1000]).unwrap();
+        std::fs::write(dir.join("b.safetensors"), vec![1u8; 24]).unwrap();
+        std::fs::write(dir.join("notes.txt"), vec![1u8; 7]).unwrap();
+        assert_eq!(read_weights(&dir).unwrap(), 1024);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,17 +6,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::chat_template::ChatMessage;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::generation::{GenerateRequest, Generator};
+use crate::generation::Generator;
 use crate::jobs::JobStore;
 use crate::metrics::Metrics;
-use crate::model::SharedModel;
 use crate::readiness::Readiness;
-use crate::validation::{build_request, SamplingSpec};
+use crate::served_model::SharedModel;
+use crate::validation::{validate, PromptInput, SamplingSpec, ValidRequest};
 
-/// The snapshot's tokenizer and limits, once loaded.
+/// The served model's tokenizer, chat template and limits, once loaded.
 #[derive(Clone)]
 pub enum ModelSlot {
     Loading,
@@ -56,62 +55,18 @@ impl AppState {
         }
     }
 
-    /// Renders and tokenizes the prompt (off the async threads: long prompts take a while),
-    /// then validates the request.
+    /// Validates the request (off the async threads: long prompts take a while to tokenize).
     pub async fn prepare(
         &self,
         prompt: PromptInput,
         spec: SamplingSpec,
-    ) -> Result<(SharedModel, GenerateRequest), ApiError> {
+    ) -> Result<(SharedModel, ValidRequest), ApiError> {
         let model = self.model().await?;
-        let tokenizer_model = model.clone();
-        let ids = tokio::task::spawn_blocking(move || prompt.to_ids(&tokenizer_model))
+        let validating = model.clone();
+        let request = tokio::task::spawn_blocking(move || validate(&validating, prompt, spec))
             .await
             .map_err(|err| ApiError::Generation(format!("tokenizer task failed: {err}")))??;
-        let request = build_request(spec, ids, &model.limits)?;
         Ok((model, request))
-    }
-}
-
-/// A prompt as text, as token ids, or as a conversation for the chat template.
-pub enum PromptInput {
-    Text(String),
-    Ids(Vec<u32>),
-    Messages(Vec<ChatMessage>),
-}
-
-impl PromptInput {
-    fn to_ids(&self, model: &SharedModel) -> Result<Vec<u32>, ApiError> {
-        let (text, add_special_tokens) = match self {
-            Self::Text(text) => (text.clone(), true),
-            Self::Ids(ids) => return checked_ids(model, ids),
-            Self::Messages(messages) => {
-                let template = model.chat_template.as_ref().ok_or_else(|| {
-                    ApiError::Validation(
-                        "`messages` need a chat template; this model has none".into(),
-                    )
-                })?;
-                let rendered = template
-                    .render(messages, true)
-                    .map_err(|err| ApiError::Validation(err.to_string()))?;
-                (rendered, false)
-            }
-        };
-        model
-            .tokenizer
-            .encode(&text, add_special_tokens)
-            .map_err(|err| ApiError::Validation(format!("cannot tokenize the prompt: {err}")))
-    }
-}
-
-/// Token ids go to the worker as they are, so ids outside the vocabulary are refused here.
-fn checked_ids(model: &SharedModel, ids: &[u32]) -> Result<Vec<u32>, ApiError> {
-    let vocab = model.tokenizer.vocab_size();
-    match ids.iter().find(|&&id| id as usize >= vocab) {
-        Some(id) => Err(ApiError::Validation(format!(
-            "token id {id} is outside the vocabulary (size {vocab})"
-        ))),
-        None => Ok(ids.to_vec()),
     }
 }
 

@@ -7,7 +7,6 @@ mod openai;
 mod openapi;
 mod probes;
 mod tgi;
-mod tgi_types;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -16,13 +15,16 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use extract::{parse_json_value, shape_errors_are_malformed, JsonBody};
+use extract::JsonBody;
+
+/// A client of a non-streamed route has seen nothing yet when the worker dies, so its request
+/// simply runs again (this many times at most).
+const RETRIES_AFTER_WORKER_LOST: usize = 2;
 
 /// Every route on PORT. /health, /ping and /openapi.json are open; the rest need the API key
 /// when one is set.
 pub fn router(app: AppState) -> Router {
     let protected = Router::new()
-        .route("/ready", get(probes::ready))
         .route("/metrics", get(probes::metrics))
         .route("/", post(tgi::compat_generate))
         .route("/generate", post(tgi::generate))
@@ -36,17 +38,9 @@ pub fn router(app: AppState) -> Router {
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::list_models))
-        .route_layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            middleware::require_api_key,
-        ));
-    Router::new()
-        .route("/health", get(probes::health))
-        .route("/ping", get(probes::ping))
+        .route("/v1/models", get(openai::list_models));
+    with_probes(&app, protected)
         .route("/openapi.json", get(openapi::document))
-        .merge(protected)
-        .fallback(not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -55,20 +49,21 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-/// Only the probes, for PORT_HEALTH.
-pub fn probe_router(app: AppState) -> Router {
-    let protected = Router::new()
-        .route("/ready", get(probes::ready))
-        .route_layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            middleware::require_api_key,
-        ));
+/// `/health` and `/ping` open; `/ready` and `protected` behind the API key; 404 for the rest.
+fn with_probes(app: &AppState, protected: Router<AppState>) -> Router<AppState> {
+    let protected = protected.route("/ready", get(probes::ready)).route_layer(
+        axum::middleware::from_fn_with_state(app.clone(), middleware::require_api_key),
+    );
     Router::new()
         .route("/health", get(probes::health))
         .route("/ping", get(probes::ping))
         .merge(protected)
         .fallback(not_found)
-        .with_state(app)
+}
+
+/// Only the probes, for PORT_HEALTH.
+pub fn probe_router(app: AppState) -> Router {
+    with_probes(&app, Router::new()).with_state(app)
 }
 
 async fn not_found() -> ApiError {

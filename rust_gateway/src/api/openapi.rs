@@ -1,5 +1,5 @@
 //! `GET /openapi.json`: the OpenAPI 3 document of every route, kept in
-//! `rust_gateway/openapi.json` and checked against real responses by `tests/test_openapi.py`.
+//! `rust_gateway/openapi.json` and checked against real responses by `tests/gateway/test_openapi.py`.
 
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -8,30 +8,26 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 
-use super::tgi_types::{
+use super::{JsonBody, RETRIES_AFTER_WORKER_LOST};
+use crate::engine::EngineError;
+use crate::error::ApiError;
+use crate::generation::{Completion, GeneratedToken, TextEvent, TextStream};
+use crate::served_model::SharedModel;
+use crate::state::AppState;
+use crate::tgi::{
     Details, GenerateBody, GenerateResponse, OutputOptions, PrefillToken, StreamDetails,
     StreamResponse, TokenInfo, TokenizedToken,
 };
-use super::JsonBody;
-use crate::engine::EngineError;
-use crate::error::ApiError;
-use crate::generation::{Completion, GenerateRequest, GeneratedToken, TextEvent, TextStream};
-use crate::model::SharedModel;
-use crate::state::{AppState, PromptInput};
-use crate::validation::MAX_STOP_SEQUENCES;
+use crate::validation::{PromptInput, ValidRequest, MAX_STOP_SEQUENCES};
 
 /// A validated request, started in the engine.
 struct Started {
     model: SharedModel,
     stream: TextStream,
     inputs: String,
-    request: GenerateRequest,
+    request: ValidRequest,
     options: OutputOptions,
 }
-
-/// A client of /generate has seen nothing yet when the worker dies, so the request is simply
-/// run again (a few times at most).
-const MAX_RETRIES: usize = 2;
 
 async fn start(app: &AppState, body: GenerateBody) -> Result<Started, ApiError> {
     let (spec, options) = body.parameters.unwrap_or_default().to_spec()?;
@@ -46,28 +42,6 @@ async fn start(app: &AppState, body: GenerateBody) -> Result<Started, ApiError> 
         request,
         options,
     })
-}
-
-fn token_info(token: &GeneratedToken) -> TokenInfo {
-    TokenInfo {
-        id: token.id,
-        text: token.text.clone(),
-        logprob: token.logprob,
-        special: token.special,
-    }
-}
-
-fn top_tokens(model: &SharedModel, token: &GeneratedToken) -> Vec<TokenInfo> {
-    token
-        .top
-        .iter()
-        .map(|&(id, logprob)| TokenInfo {
-            id,
-            text: model.tokenizer.token_text(id),
-            logprob: Some(logprob),
-            special: model.tokenizer.is_special(id),
-        })
-        .collect()
 }
 
 /// The whole output of one generation.
@@ -91,9 +65,10 @@ async fn collect(
             TextEvent::Token(token) => {
                 out.text.push_str(&token.text);
                 if with_top {
-                    out.top.push(top_tokens(model, &token));
+                    out.top
+                        .push(TokenInfo::alternatives(&model.tokenizer, &token));
                 }
-                out.tokens.push(token_info(&token));
+                out.tokens.push(TokenInfo::generated(&token));
                 out.completion = token.finish.clone().or(out.completion);
             }
             TextEvent::Done { completion, text } => {
@@ -124,7 +99,7 @@ pub async fn generate(
         completion,
     } = loop {
         match collect(&model, &mut stream, options.top_n_tokens).await {
-            Err(EngineError::WorkerLost) if retries < MAX_RETRIES => {
+            Err(EngineError::WorkerLost) if retries < RETRIES_AFTER_WORKER_LOST => {
                 retries += 1;
                 stream = app.generator.generate(model.clone(), request.clone())?;
             }
@@ -138,7 +113,7 @@ pub async fn generate(
         generated_tokens: completion.generated_tokens,
         seed: request.params.seed,
         prefill: if options.decoder_input_details {
-            prefill(&model, &request.prompt_ids)
+            PrefillToken::prompt(&model.tokenizer, &request.prompt_ids)
         } else {
             Vec::new()
         },
@@ -166,18 +141,6 @@ pub async fn compat_generate(
     } else {
         generate(state, body).await.map(IntoResponse::into_response)
     }
-}
-
-/// The prompt's tokens; the engine computes no prompt logprobs, so they are null.
-fn prefill(model: &SharedModel, prompt_ids: &[u32]) -> Vec<PrefillToken> {
-    prompt_ids
-        .iter()
-        .map(|&id| PrefillToken {
-            id,
-            text: model.tokenizer.token_text(id),
-            logprob: None,
-        })
-        .collect()
 }
 
 /// SSE in TGI's shape. The first token is awaited before answering, so an error known before
@@ -258,12 +221,12 @@ impl SseState {
         self.ended = finish.is_some();
         let response = StreamResponse {
             index: self.index,
-            token: token_info(token),
+            token: TokenInfo::generated(token),
             top_tokens: self
                 .started
                 .options
                 .top_n_tokens
-                .then(|| top_tokens(model, token)),
+                .then(|| TokenInfo::alternatives(&model.tokenizer, token)),
             generated_text: finish.map(|_| self.text.clone()),
             details: finish.map(|completion| StreamDetails {
                 finish_reason: completion.reason,

@@ -422,7 +422,7 @@ mod tests {
 }
 
 /// The comparison with transformers: tests/fixtures/chat_templates/expected.json holds what
-/// `apply_chat_template` renders (written by tests/test_chat_template.py).
+/// `apply_chat_template` renders (written by tests/gateway/test_chat_template.py).
 #[cfg(test)]
 mod transformers_fixtures {
     use super::*;

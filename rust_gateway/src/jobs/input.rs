@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::api::{parse_json_value, shape_errors_are_malformed};
 use crate::chat_template::ChatMessage;
-use crate::error::ApiError;
-use crate::openai::{ChatRequest, CompletionRequest, OpenAiRequest};
-use crate::state::PromptInput;
-use crate::validation::{SamplingSpec, StopStrings};
+use crate::error::{parse_json_value, shape_errors_are_malformed, ApiError};
+use crate::openai::{ChatRequest, CompletionRequest, OpenAiRequest, SamplingFields};
+use crate::validation::{PromptInput, SamplingSpec};
 
 #[derive(Debug, Deserialize)]
 pub struct RunBody {
@@ -53,17 +51,8 @@ pub enum JobRequest {
 /// vLLM's SamplingParams names (the subset the engine honours).
 #[derive(Debug, Default, Deserialize)]
 pub struct SamplingParams {
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Option<StopStrings>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     pub logprobs: Option<i64>,
 }
 
@@ -141,28 +130,9 @@ impl JobInput {
                 ))
             }
         };
-        let params = self.sampling_params.as_ref();
-        let spec = match params {
+        let spec = match &self.sampling_params {
             None => SamplingSpec::default(),
-            Some(p) => SamplingSpec {
-                max_new_tokens: p.max_tokens,
-                temperature: p.temperature,
-                top_k: p.top_k.map(|k| if k == -1 { 0 } else { k }),
-                top_p: p.top_p,
-                min_p: p.min_p,
-                repetition_penalty: p.repetition_penalty,
-                presence_penalty: p.presence_penalty,
-                frequency_penalty: p.frequency_penalty,
-                seed: p.seed,
-                stop: p
-                    .stop
-                    .clone()
-                    .map(StopStrings::into_vec)
-                    .unwrap_or_default(),
-                ignore_eos: p.ignore_eos.unwrap_or(false),
-                logprobs: p.logprobs,
-                truncate: None,
-            },
+            Some(p) => p.sampling.spec(p.sampling.max_tokens, p.logprobs),
         };
         Ok((prompt, spec))
     }

@@ -7,8 +7,8 @@
 use serde_json::{json, Value};
 
 use crate::generation::TextEvent;
-use crate::model::SharedModel;
 use crate::openai::{OutputOptions, ResponseBuilder};
+use crate::served_model::SharedModel;
 
 #[derive(Debug, Clone, Copy)]
 pub enum JobFormat {
@@ -127,13 +127,12 @@ mod tests {
     use super::*;
     use crate::engine::FinishReason;
     use crate::generation::{Completion, GeneratedToken};
-    use crate::model::ModelInfo;
     use crate::openai::{ChatRequest, CompletionRequest};
+    use crate::served_model::{Limits, ServedModel};
     use crate::text::TextTokenizer;
-    use crate::validation::Limits;
 
     fn model() -> SharedModel {
-        Arc::new(ModelInfo {
+        Arc::new(ServedModel {
             tokenizer: TextTokenizer::word_level(&["a", "b"]),
             model_id: "m".into(),
             eos_token_ids: vec![1],

@@ -11,9 +11,10 @@ use super::output::{JobFormat, JobOutput};
 use super::store::{JobStatus, JobStore};
 use super::webhook;
 use crate::engine::EngineError;
-use crate::generation::{GenerateRequest, Generator, TextEvent, TextStream};
+use crate::generation::{Generator, TextEvent, TextStream};
 use crate::metrics::Metrics;
-use crate::model::SharedModel;
+use crate::served_model::SharedModel;
+use crate::validation::ValidRequest;
 
 #[derive(Clone)]
 pub struct JobContext {
@@ -25,7 +26,7 @@ pub struct JobContext {
 pub struct JobSpec {
     pub id: String,
     pub model: SharedModel,
-    pub request: GenerateRequest,
+    pub request: ValidRequest,
     pub format: JobFormat,
     pub execution_timeout: Option<Duration>,
     pub ttl: Option<Duration>,

@@ -7,5 +7,5 @@ mod request;
 mod response;
 
 pub use builder::{unix_seconds, ResponseBuilder};
-pub use request::{ChatRequest, CompletionRequest, OpenAiRequest, OutputOptions};
+pub use request::{ChatRequest, CompletionRequest, OpenAiRequest, OutputOptions, SamplingFields};
 pub use response::{ModelCard, ModelList};

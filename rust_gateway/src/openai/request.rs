@@ -9,8 +9,7 @@ use serde_json::Value;
 
 use crate::chat_template::ChatMessage;
 use crate::error::ApiError;
-use crate::state::PromptInput;
-use crate::validation::{SamplingSpec, StopStrings, MAX_TOP_LOGPROBS};
+use crate::validation::{top_logprobs, PromptInput, SamplingSpec, StopStrings};
 
 /// OpenAI's default `max_tokens` for the legacy completions API (vLLM uses the same).
 pub const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -22,25 +21,59 @@ pub enum Surface {
     Completions,
 }
 
-/// Fields both APIs share, including vLLM's extensions (`top_k`, `min_p`, ...). `model` and
-/// `user` are accepted like any unknown field: the gateway serves one model.
+/// Sampling fields under OpenAI's and vLLM's names (vLLM adds `top_k`, `min_p`,
+/// `repetition_penalty`, `ignore_eos`); RunPod's worker-vllm takes the same in a job's
+/// `sampling_params`.
 #[derive(Debug, Default, Deserialize)]
-pub struct CommonFields {
+pub struct SamplingFields {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    pub n: Option<i64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<u64>,
     pub stop: Option<StopStrings>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+}
+
+impl SamplingFields {
+    pub fn spec(&self, max_tokens: Option<i64>, logprobs: Option<i64>) -> SamplingSpec {
+        SamplingSpec {
+            max_new_tokens: max_tokens,
+            temperature: self.temperature,
+            // vLLM spells "off" as -1.
+            top_k: self.top_k.map(|k| if k == -1 { 0 } else { k }),
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self
+                .stop
+                .clone()
+                .map(StopStrings::into_vec)
+                .unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs,
+            truncate: None,
+        }
+    }
+}
+
+/// Fields both APIs share. `model` and `user` are accepted like any unknown field: the
+/// gateway serves one model.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommonFields {
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub min_tokens: Option<i64>,
 }
 
@@ -95,7 +128,7 @@ pub struct OutputOptions {
     pub logprobs: Option<u32>,
 }
 
-/// A parsed and checked OpenAI request, ready for `AppState::prepare`.
+/// A parsed and checked OpenAI request, ready for validation.
 pub struct OpenAiRequest {
     pub prompt: PromptInput,
     pub spec: SamplingSpec,
@@ -127,26 +160,7 @@ impl CommonFields {
     }
 
     fn spec(&self, max_tokens: Option<i64>, logprobs: Option<u32>) -> SamplingSpec {
-        SamplingSpec {
-            max_new_tokens: max_tokens,
-            temperature: self.temperature,
-            // vLLM spells "off" as -1.
-            top_k: self.top_k.map(|k| if k == -1 { 0 } else { k }),
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            seed: self.seed,
-            stop: self
-                .stop
-                .clone()
-                .map(StopStrings::into_vec)
-                .unwrap_or_default(),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            logprobs: logprobs.map(i64::from),
-            truncate: None,
-        }
+        self.sampling.spec(max_tokens, logprobs.map(i64::from))
     }
 
     fn options(&self, surface: Surface, logprobs: Option<u32>) -> OutputOptions {
@@ -162,17 +176,6 @@ impl CommonFields {
                     .unwrap_or(false),
             logprobs,
         }
-    }
-}
-
-/// Top-logprob counts are checked here (rather than in `build_request`) to name the field.
-fn top_n(name: &str, n: i64) -> Result<u32, ApiError> {
-    if (0..=MAX_TOP_LOGPROBS).contains(&n) {
-        Ok(n as u32)
-    } else {
-        refuse(format!(
-            "`{name}` must be in 0..={MAX_TOP_LOGPROBS} (got {n})"
-        ))
     }
 }
 
@@ -209,13 +212,15 @@ impl ChatRequest {
             return refuse("`messages` must not be empty");
         }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
-            (true, top) => Some(top_n("top_logprobs", top.unwrap_or(0))?),
+            (true, top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0))?),
             (false, Some(top)) if top > 0 => {
                 return refuse("`top_logprobs` needs `logprobs: true`");
             }
             (false, _) => None,
         };
-        let max_tokens = self.max_completion_tokens.or(self.common.max_tokens);
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.common.sampling.max_tokens);
         Ok(OpenAiRequest {
             spec: self.common.spec(max_tokens, logprobs),
             options: self.common.options(Surface::Chat, logprobs),
@@ -236,9 +241,13 @@ impl CompletionRequest {
         if self.best_of.is_some_and(|n| n > 1) {
             return refuse("`best_of` > 1 is not supported");
         }
-        let logprobs = self.logprobs.map(|n| top_n("logprobs", n)).transpose()?;
+        let logprobs = self
+            .logprobs
+            .map(|n| top_logprobs("logprobs", n))
+            .transpose()?;
         let max_tokens = self
             .common
+            .sampling
             .max_tokens
             .or(Some(COMPLETIONS_DEFAULT_MAX_TOKENS));
         Ok(OpenAiRequest {

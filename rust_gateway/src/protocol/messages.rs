@@ -94,6 +94,8 @@ pub struct Params {
     pub logprobs: u32,
 }
 
+/// A test fixture (greedy, 16 tokens); the defaults clients get are validation's.
+#[cfg(test)]
 impl Default for Params {
     fn default() -> Self {
         Self {

@@ -4,13 +4,13 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::model::ModelInfo;
 use crate::openai::{unix_seconds, ModelCard, ModelList};
 use crate::readiness::Readiness;
+use crate::served_model::ServedModel;
 use crate::state::AppState;
 
 /// The list `/v1/models` answers; the model was "created" when the gateway started.
-pub fn model_list(model: &ModelInfo, readiness: &Readiness) -> ModelList {
+pub fn model_list(model: &ServedModel, readiness: &Readiness) -> ModelList {
     let uptime_s = (readiness.elapsed_ms() / 1000.0) as u64;
     ModelList {
         object: "list",

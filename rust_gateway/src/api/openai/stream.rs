@@ -14,10 +14,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use serde_json::Value;
 
+use super::Prepared;
 use crate::error::ApiError;
-use crate::generation::{GenerateRequest, TextStream};
-use crate::model::SharedModel;
-use crate::openai::{OutputOptions, ResponseBuilder};
+use crate::generation::TextStream;
+use crate::openai::ResponseBuilder;
+use crate::served_model::SharedModel;
 use crate::state::AppState;
 
 struct ChunkStream {
@@ -72,16 +73,10 @@ impl ChunkStream {
 /// The stream's last event, as OpenAI sends it.
 const DONE: &str = "[DONE]";
 
-pub async fn respond(
-    app: &AppState,
-    model: SharedModel,
-    request: GenerateRequest,
-    options: OutputOptions,
-) -> Result<Response, ApiError> {
-    let builder = ResponseBuilder::new(options, &model.model_id, request.prompt_ids.len());
-    let stream = app.generator.generate(model.clone(), request)?;
+pub async fn respond(app: &AppState, prepared: Prepared) -> Result<Response, ApiError> {
+    let (builder, stream) = prepared.start(app)?;
     let mut chunks = ChunkStream {
-        model,
+        model: prepared.model,
         stream,
         builder,
         pending: VecDeque::new(),

@@ -1,9 +1,8 @@
-//! What the gateway reads from the snapshot directory: tokenizer, model limits, generation
-//! defaults; and the page-cache warm-up of the weight files.
+//! The model the gateway serves, as the gateway sees it: what it reads from the snapshot
+//! directory (tokenizer, chat template, model id, EOS ids, context length, generation
+//! defaults) and the prompt and generation limits these give together with the configuration.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -11,9 +10,41 @@ use serde_json::Value;
 use crate::chat_template::ChatTemplate;
 use crate::config::Config;
 use crate::text::TextTokenizer;
-use crate::validation::Limits;
 
-pub struct ModelInfo {
+/// Context used when config.json does not say.
+const FALLBACK_CONTEXT: usize = 4096;
+const FALLBACK_MAX_NEW_TOKENS: u32 = 256;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_input_tokens: usize,
+    pub max_total_tokens: usize,
+    pub default_max_new_tokens: u32,
+}
+
+impl Limits {
+    pub fn new(config: &Config, context_length: Option<usize>, model_default: Option<u32>) -> Self {
+        let context = context_length.unwrap_or(FALLBACK_CONTEXT);
+        let max_total_tokens = config.max_total_tokens.unwrap_or(context).max(2);
+        let max_input_tokens = config
+            .max_input_tokens
+            .unwrap_or(max_total_tokens - 1)
+            .min(max_total_tokens - 1)
+            .max(1);
+        let default_max_new_tokens = config
+            .default_max_new_tokens
+            .or(model_default)
+            .unwrap_or(FALLBACK_MAX_NEW_TOKENS)
+            .max(1);
+        Self {
+            max_input_tokens,
+            max_total_tokens,
+            default_max_new_tokens,
+        }
+    }
+}
+
+pub struct ServedModel {
     pub tokenizer: TextTokenizer,
     pub model_id: String,
     pub eos_token_ids: Vec<u32>,
@@ -23,9 +54,9 @@ pub struct ModelInfo {
     pub limits: Limits,
 }
 
-pub type SharedModel = Arc<ModelInfo>;
+pub type SharedModel = Arc<ServedModel>;
 
-pub fn load(dir: &Path, config: &Config) -> Result<ModelInfo, String> {
+pub fn load(dir: &Path, config: &Config) -> Result<ServedModel, String> {
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
     let model_config = read_json(&dir.join("config.json"))?;
     let generation = read_json(&dir.join("generation_config.json"))?;
@@ -51,7 +82,7 @@ pub fn load(dir: &Path, config: &Config) -> Result<ModelInfo, String> {
         tracing::warn!(%err, "ignoring the snapshot's chat template");
         None
     });
-    Ok(ModelInfo {
+    Ok(ServedModel {
         tokenizer,
         chat_template,
         model_id,
@@ -91,30 +122,6 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-/// Reads every `*.safetensors` file once, sequentially, so that the worker's mmap finds the
-/// pages already cached. Returns the bytes read.
-pub fn prefetch_weights(dir: &Path) -> std::io::Result<u64> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
-        .collect();
-    files.sort();
-    let mut buffer = vec![0u8; 8 << 20];
-    let mut total = 0u64;
-    for path in files {
-        let mut file = File::open(&path)?;
-        loop {
-            let n = file.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,13 +134,19 @@ mod tests {
     }
 
     #[test]
-    fn prefetch_reads_only_weight_files() {
-        let dir = std::env::temp_dir().join(format!("thaw-prefetch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.safetensors"), vec![1u8; 1000]).unwrap();
-        std::fs::write(dir.join("b.safetensors"), vec![1u8; 24]).unwrap();
-        std::fs::write(dir.join("notes.txt"), vec![1u8; 7]).unwrap();
-        assert_eq!(prefetch_weights(&dir).unwrap(), 1024);
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn limits_follow_the_model_unless_configured() {
+        use clap::Parser;
+        let config = Config::try_parse_from(["thaw-gateway"]).unwrap();
+        let limits = Limits::new(&config, Some(2048), Some(64));
+        assert_eq!(
+            limits,
+            Limits {
+                max_input_tokens: 2047,
+                max_total_tokens: 2048,
+                default_max_new_tokens: 64
+            }
+        );
+        let config = Config::try_parse_from(["thaw-gateway", "--max-input-tokens", "100"]).unwrap();
+        assert_eq!(Limits::new(&config, None, None).max_input_tokens, 100);
     }
 }

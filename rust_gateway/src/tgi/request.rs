@@ -1,10 +1,9 @@
-//! Request and response shapes of TGI's routes, and how TGI parameters map onto ours.
+//! The request bodies of TGI's routes, and how TGI parameters map onto a [`SamplingSpec`].
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::engine::FinishReason;
 use crate::error::ApiError;
-use crate::validation::SamplingSpec;
+use crate::validation::{top_logprobs, SamplingSpec};
 
 #[derive(Debug, Deserialize)]
 pub struct GenerateBody {
@@ -65,6 +64,9 @@ impl TgiParameters {
         if self.watermark == Some(true) {
             return refuse("`watermark` is not supported");
         }
+        if let Some(n) = self.top_n_tokens {
+            top_logprobs("top_n_tokens", n)?;
+        }
         let warped = self.temperature.is_some_and(|t| t != 1.0)
             || self.top_k.is_some()
             || self.top_p.is_some_and(|p| p < 1.0);
@@ -95,65 +97,6 @@ impl TgiParameters {
         };
         Ok((spec, options))
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenInfo {
-    pub id: u32,
-    pub text: String,
-    pub logprob: Option<f64>,
-    pub special: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PrefillToken {
-    pub id: u32,
-    pub text: String,
-    pub logprob: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Details {
-    pub finish_reason: FinishReason,
-    pub generated_tokens: usize,
-    pub seed: Option<u64>,
-    pub prefill: Vec<PrefillToken>,
-    pub tokens: Vec<TokenInfo>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub top_tokens: Vec<Vec<TokenInfo>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct GenerateResponse {
-    pub generated_text: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<Details>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StreamDetails {
-    pub finish_reason: FinishReason,
-    pub generated_tokens: usize,
-    pub seed: Option<u64>,
-}
-
-/// One SSE event of /generate_stream; only the last carries `generated_text` and `details`.
-#[derive(Debug, Serialize)]
-pub struct StreamResponse {
-    pub index: usize,
-    pub token: TokenInfo,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub top_tokens: Option<Vec<TokenInfo>>,
-    pub generated_text: Option<String>,
-    pub details: Option<StreamDetails>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TokenizedToken {
-    pub id: u32,
-    pub text: String,
-    pub start: usize,
-    pub stop: usize,
 }
 
 #[cfg(test)]
@@ -193,6 +136,7 @@ mod tests {
             serde_json::json!({"best_of": 2}),
             serde_json::json!({"grammar": {"type": "json", "value": {}}}),
             serde_json::json!({"watermark": true}),
+            serde_json::json!({"top_n_tokens": 21}),
         ] {
             assert!(matches!(
                 params(json).to_spec(),

@@ -1,0 +1,11 @@
+//! TGI's API: request bodies and their mapping onto a sampling spec (`request`), and
+//! response bodies (`response`). Used by the TGI routes.
+
+mod request;
+mod response;
+
+pub use request::{GenerateBody, OutputOptions};
+pub use response::{
+    Details, GenerateResponse, PrefillToken, StreamDetails, StreamResponse, TokenInfo,
+    TokenizedToken,
+};
