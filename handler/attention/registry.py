@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import torch
 
 from handler.attention.base import AttentionBackend
+from handler.attention.flash import FLASH_BLOCK_MULTIPLE, flash_attn_available
 
-# name -> "module:class"
-BACKENDS: dict[str, str] = {
-    "torch": "handler.attention.torch_backend:TorchAttentionBackend",
-    "cpu": "handler.attention.cpu_paged:CpuPagedBackend",
-    "triton": "handler.attention.triton_paged:TritonPagedBackend",
-    "flash": "handler.attention.flash:FlashAttentionBackend",
-}
+BACKENDS = ("torch", "cpu", "triton", "flash")
 AUTO = "auto"
 # Backends that read only device tensors (and ints fixed per graph), so a decode step through them
 # can be captured in a CUDA graph. The torch reference reads the metadata's host lists.
 GRAPH_SAFE_BACKENDS = frozenset({"triton", "flash"})
-FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs block sizes divisible by this
+
+
+def _unknown(name: str, known: tuple[str, ...]) -> ValueError:
+    return ValueError(f"unknown attention backend {name!r}; known: {', '.join(known)}")
 
 
 def resolve_backend_name(
@@ -31,19 +26,31 @@ def resolve_backend_name(
     when the fused CPU kernels serve this model (cpu_kernels), else torch."""
     if name != AUTO:
         if name not in BACKENDS:
-            known = ", ".join([AUTO, *BACKENDS])
-            raise ValueError(f"unknown attention backend {name!r}; known: {known}")
+            raise _unknown(name, (AUTO, *BACKENDS))
         return name
     if device.type != "cuda":
         return "cpu" if cpu_kernels else "torch"
-    if block_size % FLASH_BLOCK_MULTIPLE == 0 and importlib.util.find_spec("flash_attn"):
+    if block_size % FLASH_BLOCK_MULTIPLE == 0 and flash_attn_available():
         return "flash"
     return "triton"
 
 
 def create_backend(name: str) -> AttentionBackend:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
-    module_name, class_name = BACKENDS[name].split(":")
-    backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class()
+    # Each branch imports its module: triton and flash_attn load only when chosen.
+    if name == "torch":
+        from handler.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "cpu":
+        from handler.attention.cpu_paged import CpuPagedBackend
+
+        return CpuPagedBackend()
+    if name == "triton":
+        from handler.attention.triton_paged import TritonPagedBackend
+
+        return TritonPagedBackend()
+    if name == "flash":
+        from handler.attention.flash import FlashAttentionBackend
+
+        return FlashAttentionBackend()
+    raise _unknown(name, BACKENDS)

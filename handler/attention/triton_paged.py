@@ -25,9 +25,8 @@ from handler.attention.base import AttentionBackend, AttentionMetadata
 
 # tl.dot needs every tile dimension to be at least 16.
 MIN_DOT_DIM = 16
-# From the sm_90 compile report (tests/test_triton_attention.py checks it on the CPU): with two
-# stages and four warps, neither attention kernel spills, K/V arrive by 16-byte cp.async, and the
-# prefill products are wgmma. Leads for tuning on the device, not measurements.
+# Warps and pipeline stages of both attention kernels. test_triton_paged.py compiles them for
+# sm_90 on the CPU and checks that they do not spill with these.
 ATTENTION_LAUNCH = {"num_warps": 4, "num_stages": 2}
 LOG2_E = 1.4426950408889634
 
@@ -68,6 +67,61 @@ def _store_kvcache_kernel(
 
 
 @triton.jit
+def _attend_paged(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    kv_head,
+    context_len,
+    kv_end,
+    query_pos,
+    scale_log2,
+    CAUSAL: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # Online softmax of q's rows ([ROWS, BLOCK_D]) over keys 0 .. kv_end of one sequence's kv head,
+    # read token by token through its block table row; with CAUSAL, row r sees keys up to
+    # query_pos[r].
+    ROWS: tl.constexpr = q.shape[0]
+    BLOCK_D: tl.constexpr = q.shape[1]
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    # A finite floor instead of -inf keeps exp2(m - m_new) defined when a tile is all masked.
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for start in range(0, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < context_len
+        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + n % BLOCK_SIZE
+        kv_offs = (slot[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2
+        if CAUSAL:
+            visible = (n[None, :] <= query_pos[:, None]) & n_mask[None, :]
+        else:
+            visible = n_mask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+    # A row that saw no key (an empty context: a padded CUDA-graph row) yields zeros, not 0/0.
+    return tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -104,31 +158,25 @@ def _paged_decode_kernel(
     q_offs = seq * stride_qb + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
-    # A finite floor instead of -inf keeps exp2(m - m_new) defined when a tile is all masked.
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
-    for start in range(0, context_len, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < context_len
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + n % BLOCK_SIZE
-        kv_offs = (slot[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
-
-    # An empty context (a padded CUDA-graph row) yields zeros rather than 0/0.
-    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    out = _attend_paged(
+        q,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_row,
+        kv_head,
+        context_len,
+        context_len,
+        None,
+        scale_log2,
+        False,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        DOT_PRECISION,
+        UPCAST_DOT,
+    )
     o_offs = seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask)
 
@@ -175,36 +223,30 @@ def _paged_prefill_kernel(
     rows = (q_start + m).to(tl.int64)
     q_offs = rows[:, None] * stride_qt + head * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    query_pos = prefix_len + m
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
     # Causality: this tile's last query sees keys up to prefix_len + its index; nothing beyond.
     # A tile past the sequence's new tokens gets an empty loop and stores nothing.
     kv_end = tl.minimum(context_len, prefix_len + (m_tile + 1) * BLOCK_M)
     kv_end = tl.where(m_tile * BLOCK_M < q_len, kv_end, 0)
-    for start in range(0, kv_end, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < context_len
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + n % BLOCK_SIZE
-        kv_offs = (slot[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2
-        visible = (n[None, :] <= query_pos[:, None]) & n_mask[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
-
-    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    out = _attend_paged(
+        q,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_row,
+        kv_head,
+        context_len,
+        kv_end,
+        prefix_len + m,
+        scale_log2,
+        True,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        DOT_PRECISION,
+        UPCAST_DOT,
+    )
     o_offs = rows[:, None] * stride_ot + head * stride_oh + d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask)
 
@@ -282,6 +324,49 @@ def _check_block_tables(block_tables: torch.Tensor, batch: int) -> None:
         raise ValueError("block_tables rows must be contiguous")
 
 
+def _launch_attention(
+    kernel: triton.JITFunction,
+    grid: tuple[int, ...],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    scale: float,
+    group: int,
+    block_n: int,
+    **row_tile: int,
+) -> None:
+    """Launch a paged attention kernel on checked arguments. The decode and prefill kernels take
+    the same arguments but for their per-sequence lengths (seq_lens) and their query-row tile."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        *seq_lens,
+        out,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        scale * LOG2_E,
+        GROUP=group,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_D=max(MIN_DOT_DIM, triton.next_power_of_2(head_dim)),
+        BLOCK_N=_tile("block_n", block_n),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        UPCAST_DOT=_interpreting(),
+        **row_tile,
+        **ATTENTION_LAUNCH,
+    )
+
+
 def store_kvcache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -352,33 +437,23 @@ def paged_decode_attention(
     _check_block_tables(block_tables, batch)
     _check_int_vector("context_lens", context_lens, batch)
     _check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
-    _paged_decode_kernel[(batch, num_kv_heads)](
+    _launch_attention(
+        _paged_decode_kernel,
+        (batch, num_kv_heads),
         q,
         k_cache,
         v_cache,
         block_tables,
-        context_lens,
+        (context_lens,),
         out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        scale * LOG2_E,
-        GROUP=group,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
+        scale,
+        group,
+        block_n,
         BLOCK_G=max(MIN_DOT_DIM, triton.next_power_of_2(group)),
-        BLOCK_D=max(MIN_DOT_DIM, triton.next_power_of_2(head_dim)),
-        BLOCK_N=_tile("block_n", block_n),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        UPCAST_DOT=_interpreting(),
-        **ATTENTION_LAUNCH,
     )
     return out
 
@@ -423,33 +498,21 @@ def paged_prefill_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0 or max_seqlen_q <= 0 or q.shape[0] == 0:
         return out
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
     block_m = _tile("block_m", block_m)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, q.shape[1])
-    _paged_prefill_kernel[grid](
+    _launch_attention(
+        _paged_prefill_kernel,
+        grid,
         q,
         k_cache,
         v_cache,
         block_tables,
-        cu_seqlens_q,
-        context_lens,
+        (cu_seqlens_q, context_lens),
         out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        scale * LOG2_E,
-        GROUP=group,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
+        scale,
+        group,
+        block_n,
         BLOCK_M=block_m,
-        BLOCK_D=max(MIN_DOT_DIM, triton.next_power_of_2(head_dim)),
-        BLOCK_N=_tile("block_n", block_n),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        UPCAST_DOT=_interpreting(),
-        **ATTENTION_LAUNCH,
     )
     return out
 

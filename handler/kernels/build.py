@@ -3,8 +3,8 @@
 `scripts/setup.sh` builds it (`python -m handler.kernels.build`), so serving only loads it. The
 library is tuned for the CPU it is built on (-march=native); the CPU's model and flags are part
 of the cache key, so a tree copied to another machine builds afresh rather than loading code
-its CPU may not run. Every step is plain C with the system compiler: no torch headers, about a
-second to build.
+its CPU may not run. Every step is plain C with the system compiler: no torch headers, so the
+build is quick.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each method checks what the C code relies on (dtype, device, contiguity, shapes) and raises
 ValueError otherwise: a wrong call must fail loudly, not read the wrong memory. The forward pass
 passes check=False after its first layer: every layer of a step has the same shapes and dtypes,
-and the checks would cost a tenth of the step. Index values (positions, slots, block tables) are
-checked once per step with check_range.
+and repeating the checks per layer would cost a noticeable share of the step. Index values
+(positions, slots, block tables) are checked once per step with check_range.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
  * handler/model/linear.py uses it for every linear layer of the bf16 CPU path.
  *
  * Why our own: decode steps multiply few rows (one per running sequence) by weights that do not
- * fit in cache, and oneDNN's kernels, tuned for large batches, reach ~70% of this CPU's bf16
- * peak at 32 rows. This one keeps every weight byte's use close to its load: the weight is
- * packed once into panels of 48 output columns, k-pairs interleaved as VDPBF16PS reads them,
- * so a panel streams from memory in order and stays in L2 while every 8-row tile of A passes
- * over it. While one panel computes, the next is prefetched into L2, which keeps DRAM reads
- * steady instead of bursting at each panel's first tile.
+ * fit in cache, and oneDNN's kernels are tuned for large batches. This one keeps every weight
+ * byte's use close to its load: the weight is packed once into panels of 48 output columns,
+ * k-pairs interleaved as VDPBF16PS reads them, so a panel streams from memory in order and stays
+ * in L2 while every 8-row tile of A passes over it. While one panel computes, the next is
+ * prefetched into L2, which keeps DRAM reads steady instead of bursting at each panel's first
+ * tile.
  *
  * Packed layout: [ceil(n / 48) panels][k / 2 pairs][48 columns][2] bf16, columns past n zero.
  * k must be even (every supported model's is; odd k stays on oneDNN).

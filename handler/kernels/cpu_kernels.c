@@ -1,10 +1,10 @@
 /*
  * Fused CPU kernels for the bfloat16 serving path (handler/kernels/cpu.py binds them).
  *
- * Why: a decode step of 32 sequences spends as long in ~25 small torch ops per layer
- * (gathering paged KV into padded tensors, transposes, masks, norms in several passes) as in
- * the matmuls that move the weights. Each kernel here replaces a chain of those ops with one
- * pass over the data, reading the paged cache in place.
+ * Why: in a decode step plain torch runs many small ops per layer (gathering paged KV into
+ * padded tensors, transposes, masks, norms in several passes), each a pass over memory and a
+ * dispatch. Each kernel here replaces a chain of those ops with one pass over the data, reading
+ * the paged cache in place.
  *
  * Conventions: bf16 tensors are uint16_t, contiguous rows with the strides given; all math in
  * float32, rounded to bf16 (nearest-even) once per stored value, except where a comment says it
@@ -80,7 +80,8 @@ int thaw_kernels_features(void) {
  *   if delta: hidden += delta in float32 (the stream is never rounded)
  *   out = bf16(hidden * rsqrt(mean(hidden^2) + eps) * weight), one rounding
  * transformers keeps the stream in bf16, rounding it after each of a model's 2 x layers adds:
- * the largest drift from float32 results (tests/test_engine_cpu_kernels.py measures it).
+ * the largest drift from float32 results (tests/handler/kernels/test_engine_cpu_kernels.py
+ * measures it).
  */
 void thaw_add_rms_norm(float *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
                        int64_t rows, int64_t dim, float eps) {
@@ -186,7 +187,8 @@ static inline __m512 widen16(const bf16 *src) {
 /*
  * Lane i of the result = the sum of v[i]'s 16 lanes: four levels of shuffle-and-add (15 adds)
  * instead of 16 horizontal reductions of 4 dependent shuffles each. A final permute puts the
- * sums back in order (tests/test_cpu_kernels.py checks it through the attention output).
+ * sums back in order (tests/handler/kernels/test_cpu_kernels.py checks it through the
+ * attention output).
  */
 static inline __attribute__((always_inline)) __m512 sum16x16(const __m512 v[16]) {
     __m512 a[8], b[4], c[2];
