@@ -10,9 +10,9 @@
 # Run: the default command is the gateway (load-balancer / plain HTTP mode, port 8080);
 #   docker run --gpus all -p 8080:8080 thaw
 # RunPod queue mode overrides the command:
-#   docker run --gpus all thaw python -m handler.runpod_handler
+#   docker run --gpus all thaw python -m handler.runpod_queue
 #
-# Every build step is a script in scripts/ that the tests also run (tests/test_docker_scripts.py).
+# Every build step is a script in scripts/ that the tests also run (tests/image/test_docker_scripts.py).
 
 ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04

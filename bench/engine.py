@@ -253,7 +253,9 @@ def _hf_model(hf_config: dict[str, Any], weights: dict[str, torch.Tensor] | None
 def _thaw_engine(
     hf_config: dict[str, Any], weights: dict[str, torch.Tensor], dtype: torch.dtype, max_seqs: int
 ):
-    from handler.engine import EngineConfig, LLMEngine, ModelConfig
+    from handler.engine.config import EngineConfig
+    from handler.engine.llm_engine import LLMEngine
+    from handler.model.config import ModelConfig
 
     config = EngineConfig(max_num_seqs=max_seqs, dtype=dtype, kv_cache_bytes=1 << 30)
     return LLMEngine(ModelConfig.from_hf_config(hf_config), weights, [], config)
@@ -290,7 +292,7 @@ def _run_thaw(engine, work: Workload, repeat: int) -> tuple[float, list[tuple[in
     runs, and a repeat served from an earlier run's cache would skip the prefill that the
     transformers peers pay on every call.
     """
-    from handler.engine import SamplingParams
+    from handler.engine.params import SamplingParams
 
     vocab = engine.model_config.vocab_size
 
@@ -319,7 +321,7 @@ def _run_thaw(engine, work: Workload, repeat: int) -> tuple[float, list[tuple[in
 
 
 def _warmup_params():
-    from handler.engine import SamplingParams
+    from handler.engine.params import SamplingParams
 
     return SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 

@@ -1,9 +1,9 @@
 """`thaw bench gateway`: the Rust gateway beside the runpod SDK's local API server, in one run.
 
 Both servers wrap a worker that costs nothing, so what is measured is the serving layer:
-thaw's `thaw-gateway` binary with the protocol stub worker (tests/stub_worker.py, which streams
-tokens instantly), and the runpod SDK's FastAPI server (`handler.py --rp_serve_api`) around a
-handler that returns at once.
+thaw's `thaw-gateway` binary with the protocol stub worker (tests/support/stub_worker.py,
+which streams tokens instantly), and the runpod SDK's FastAPI server (`handler.py
+--rp_serve_api`) around a handler that returns at once.
 
 1. Peak requests/s at 64 and 256 connections, closed loop, driven by `wrk` (compiled C, Debian):
    thaw answers `POST /generate` with `max_new_tokens: 1`, runpod `POST /runsync`.
@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # scripts/build_gateway.sh links the release build here.
 GATEWAY_BINARY = REPO / "rust_gateway" / "target" / "thaw-gateway"
-STUB_WORKER = REPO / "tests" / "stub_worker.py"
+STUB_WORKER = REPO / "tests" / "support" / "stub_worker.py"
 DEFAULT_SNAPSHOT = REPO / ".thaw" / "snapshots" / "default"
 
 THAW_BODY = json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": 1}})

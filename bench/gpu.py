@@ -110,8 +110,8 @@ def _paged_case(batch, context, num_heads, num_kv_heads, head_dim, block_size, d
 
 
 def section_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    from handler.attention import paged_reference as ref
     from handler.attention import triton_paged as tp
+    from tests.handler.attention import paged_reference as ref
 
     device = torch.device(args.device)
     dtype = torch.bfloat16
@@ -197,6 +197,7 @@ def section_graphs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from handler.attention.base import AttentionMetadata
     from handler.attention.triton_paged import TritonPagedBackend
     from handler.engine.kv_cache import allocate_kv_caches
     from handler.engine.runner import BoundModel
@@ -222,7 +223,13 @@ def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str,
     # Off CUDA (a --tiny dry run) the graphs are replayed eagerly: the flow, not the speed.
     capture = capture_cuda_graph if device.type == "cuda" else capture_eagerly
     runner = CudaGraphDecodeRunner(
-        bound, args.max_graph_batch, max_blocks, block_size, device, capture
+        bound,
+        AttentionMetadata.for_decode_graph,
+        args.max_graph_batch,
+        max_blocks,
+        block_size,
+        device,
+        capture,
     )
     timings = runner.capture()
     out: dict[str, Any] = {
@@ -268,8 +275,9 @@ def _graphs_for_model(hf: dict[str, Any], args: argparse.Namespace) -> dict[str,
 def _engine_decode_b1(hf: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One sequence decoding through LLMEngine.step, with the engine's decode graphs and without:
     what a lone request sees, scheduling and sampling included."""
+    from handler.engine.config import EngineConfig
     from handler.engine.llm_engine import LLMEngine
-    from handler.engine.params import EngineConfig, SamplingParams
+    from handler.engine.params import SamplingParams
     from handler.model import ModelConfig
     from warmup.cuda_graphs import capture_eagerly
 
@@ -358,8 +366,9 @@ def thaw_throughput(
     device: torch.device,
     max_num_seqs: int,
 ) -> dict[str, float]:
+    from handler.engine.config import EngineConfig
     from handler.engine.llm_engine import LLMEngine
-    from handler.engine.params import EngineConfig, SamplingParams
+    from handler.engine.params import SamplingParams
     from handler.model import ModelConfig
     from warmup.kv_sizing import GIB
 
@@ -509,8 +518,9 @@ def coldstart_child(snapshot: str, device_name: str) -> dict[str, Any]:
     t0 = float(os.environ["THAW_BENCH_T0"])
     # This module imports torch at its top, so the first mark already includes it.
     marks: dict[str, float] = {"torch_imported": time.time() - t0}
+    from handler.engine.config import EngineConfig
     from handler.engine.llm_engine import LLMEngine
-    from handler.engine.params import EngineConfig, SamplingParams
+    from handler.engine.params import SamplingParams
 
     marks["imports"] = time.time() - t0
     device = torch.device(device_name)

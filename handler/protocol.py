@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import socket
 import struct
+from dataclasses import fields
 from typing import Any
 
 import msgpack
+
+from handler.engine.params import SamplingParams
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -31,29 +34,9 @@ MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
     "cancel": ("id",),
     "shutdown": (),
 }
-ITEM_KEYS = ("id", "token", "logprob", "top", "finish")
-PARAM_KEYS = (
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop_token_ids",
-    "ignore_eos",
-    "logprobs",
-)
-_FLOAT_PARAMS = {
-    "temperature",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-}
+# The submit frame's sampling parameters are SamplingParams' fields, in order
+# (docs/sampling_contract.json is the contract both sides test against).
+PARAM_KEYS = tuple(f.name for f in fields(SamplingParams))
 
 
 class ProtocolError(Exception):
@@ -110,38 +93,29 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return msg
 
 
-def validate_submit(msg: dict[str, Any]) -> str | None:
-    """Return why a submit message is unusable, or None when it is fine."""
+def sampling_params(msg: dict[str, Any]) -> tuple[list[int], SamplingParams]:
+    """The prompt and parameters of a submit message; ProtocolError when its shape is wrong.
+    The values are checked by SamplingParams.validate when the engine takes the request."""
     if not isinstance(msg.get("id"), int) or msg["id"] < 0:
-        return "submit.id must be a non-negative integer"
+        raise ProtocolError("submit.id must be a non-negative integer")
     prompt = msg.get("prompt")
     if not isinstance(prompt, list) or not prompt:
-        return "submit.prompt must be a non-empty list of token ids"
-    if not all(isinstance(t, int) and t >= 0 for t in prompt):
-        return "submit.prompt must hold non-negative integers"
+        raise ProtocolError("submit.prompt must be a non-empty list of token ids")
+    if not all(type(t) is int and t >= 0 for t in prompt):
+        raise ProtocolError("submit.prompt must hold non-negative integers")
     params = msg.get("params")
     if not isinstance(params, dict):
-        return "submit.params must be a map"
+        raise ProtocolError("submit.params must be a map")
     for key in PARAM_KEYS:
         if key not in params:
-            return f"submit.params.{key} is missing"
-    for key in _FLOAT_PARAMS:
-        if not isinstance(params[key], int | float) or isinstance(params[key], bool):
-            return f"submit.params.{key} must be a number"
-    if not isinstance(params["max_new_tokens"], int) or params["max_new_tokens"] < 1:
-        return "submit.params.max_new_tokens must be a positive integer"
-    if not isinstance(params["top_k"], int) or params["top_k"] < 0:
-        return "submit.params.top_k must be a non-negative integer"
-    if not isinstance(params["logprobs"], int) or not 0 <= params["logprobs"] <= 20:
-        return "submit.params.logprobs must be an integer in 0..20"
-    if params["seed"] is not None and not isinstance(params["seed"], int):
-        return "submit.params.seed must be an integer or nil"
+            raise ProtocolError(f"submit.params.{key} is missing")
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ProtocolError(f"submit.params has unknown keys {unknown}")
     stop = params["stop_token_ids"]
-    if not isinstance(stop, list) or not all(isinstance(t, int) for t in stop):
-        return "submit.params.stop_token_ids must be a list of integers"
-    if not isinstance(params["ignore_eos"], bool):
-        return "submit.params.ignore_eos must be a boolean"
-    return None
+    if not isinstance(stop, list):
+        raise ProtocolError("submit.params.stop_token_ids must be a list of integers")
+    return list(prompt), SamplingParams(**{**params, "stop_token_ids": list(stop)})
 
 
 class FrameSocket:

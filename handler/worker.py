@@ -14,17 +14,18 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from handler.env import SettingsError
 from handler.protocol import (
     PROTOCOL_VERSION,
     FrameSocket,
     ProtocolError,
     message,
     output_item,
-    validate_submit,
+    sampling_params,
 )
+from handler.worker_settings import WorkerSettings
 
 _T0 = time.perf_counter()
 STATS_INTERVAL_S = 0.5
@@ -38,73 +39,6 @@ def _ms() -> float:
 
 def log(text: str) -> None:
     print(f"[worker {os.getpid()}] {text}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class WorkerSettings:
-    """Engine settings from the environment (documented in README's configuration table)."""
-
-    socket_path: str
-    snapshot: str
-    device: str
-    dtype: str | None
-    kv_cache_bytes: int | None
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    attention_backend: str
-    gpu_memory_fraction: float
-    cuda_graph_max_batch: int
-    cpu_kernels: bool
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> WorkerSettings:
-        def number(name: str, default: float) -> float:
-            raw = env.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                return float(raw)
-            except ValueError:
-                raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-
-        def integer(name: str, default: int | None) -> int | None:
-            raw = env.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                return int(raw)
-            except ValueError:
-                raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
-
-        def flag(name: str, default: bool) -> bool:
-            raw = (env.get(name) or "").strip().lower()
-            if not raw:
-                return default
-            if raw in ("1", "true", "yes", "on"):
-                return True
-            if raw in ("0", "false", "no", "off"):
-                return False
-            raise SystemExit(f"{name} must be true or false, got {env.get(name)!r}")
-
-        socket_path = env.get("THAW_SOCKET", "")
-        snapshot = env.get("THAW_SNAPSHOT", "")
-        if not socket_path or not snapshot:
-            raise SystemExit("the worker needs THAW_SOCKET and THAW_SNAPSHOT (set by the gateway)")
-        return cls(
-            socket_path=socket_path,
-            snapshot=snapshot,
-            device=env.get("THAW_DEVICE", "auto"),
-            dtype=env.get("THAW_DTYPE") or None,
-            kv_cache_bytes=integer("THAW_KV_CACHE_BYTES", None),
-            max_num_seqs=integer("THAW_MAX_NUM_SEQS", 64) or 64,
-            max_num_batched_tokens=integer("THAW_MAX_BATCHED_TOKENS", 2048) or 2048,
-            block_size=integer("THAW_BLOCK_SIZE", 16) or 16,
-            attention_backend=env.get("THAW_ATTENTION_BACKEND") or "auto",
-            gpu_memory_fraction=number("THAW_GPU_MEMORY_FRACTION", 0.9),
-            cuda_graph_max_batch=integer("THAW_CUDA_GRAPH_MAX_BATCH", 64) or 0,
-            cpu_kernels=flag("THAW_CPU_KERNELS", True),
-        )
 
 
 class Inbox:
@@ -144,7 +78,11 @@ def handshake(conn: FrameSocket) -> None:
 
 
 def main() -> int:
-    settings = WorkerSettings.from_env(dict(os.environ))
+    try:
+        settings = WorkerSettings.from_env(os.environ)
+    except SettingsError as exc:
+        log(f"bad settings: {exc}")
+        return 1
     conn = FrameSocket.connect(settings.socket_path)
     handshake(conn)
     inbox = Inbox(conn)
@@ -163,63 +101,33 @@ def main() -> int:
 
 
 def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
-    import torch
+    import torch  # noqa: F401 - imported here so its cost is its own phase
 
     conn.send(message("phase", name="torch_imported", ms=_ms()))
-    from handler.engine import EngineConfig, LLMEngine
-    from handler.model.config import ModelConfig
-    from snapshot.loader import load_snapshot
+    from handler.engine.llm_engine import LLMEngine
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = None
-    if settings.dtype is not None:
-        dtype = getattr(torch, settings.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"THAW_DTYPE {settings.dtype!r} is not a torch dtype")
-    loaded = load_snapshot(settings.snapshot, device=device)
-    conn.send(message("phase", name="weights_mapped", ms=_ms()))
-    eos = loaded.generation_config.get("eos_token_id", [])
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    config = EngineConfig(
-        block_size=settings.block_size,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        device=device,
-        dtype=dtype,
-        attention_backend=settings.attention_backend,
-        gpu_memory_fraction=settings.gpu_memory_fraction,
-        cuda_graph_max_batch=settings.cuda_graph_max_batch,
-        cpu_kernels=settings.cpu_kernels,
-        snapshot_dir=settings.snapshot,  # where the warm profile is read and recorded
-    )
-    model_config = ModelConfig.from_hf_config(loaded.config)
-    engine = LLMEngine(
-        model_config,
-        loaded.weights,
-        eos_ids,
-        config,
+    engine = LLMEngine.from_snapshot(
+        settings.snapshot,
+        settings.engine,
         on_phase=lambda name: conn.send(message("phase", name=name, ms=_ms())),
     )
     # Everything built so far lives as long as the process: take it out of the cyclic
-    # collector's scans, which otherwise walk it on every full collection (~1 ms a step).
+    # collector's scans, which otherwise walk it on every full collection.
     gc.freeze()
     stats = engine.stats()
     conn.send(
         message(
             "ready",
-            model=str(loaded.manifest.get("source") or loaded.config.get("_name_or_path") or ""),
+            model=engine.model_name,
             max_context=int(engine.max_model_len),
             kv_blocks=int(stats.kv_total_blocks),
-            block_size=int(settings.block_size),
-            max_running=int(settings.max_num_seqs),
-            eos_token_ids=eos_ids,
+            block_size=int(engine.config.block_size),
+            max_running=int(engine.config.max_num_seqs),
+            eos_token_ids=engine.eos_token_ids,
         )
     )
     log(
-        f"ready in {_ms():.0f} ms on {device}: {stats.kv_total_blocks} KV blocks, "
+        f"ready in {_ms():.0f} ms on {engine.device}: {stats.kv_total_blocks} KV blocks, "
         f"{engine.attention_backend} attention, {len(engine.graph_timings)} decode graphs"
     )
     return engine
@@ -227,35 +135,13 @@ def start_engine(settings: WorkerSettings, conn: FrameSocket) -> Any:
 
 def submit(engine: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
     """Add one request to the engine; return an error message for the gateway if it is unusable."""
-    from handler.engine import SamplingParams
-
-    problem = validate_submit(msg)
     request_id = msg.get("id") if isinstance(msg.get("id"), int) else -1
-    if problem is None:
-        params = msg["params"]
-        try:
-            engine.add_request(
-                request_id,
-                list(msg["prompt"]),
-                SamplingParams(
-                    max_new_tokens=params["max_new_tokens"],
-                    temperature=float(params["temperature"]),
-                    top_k=params["top_k"],
-                    top_p=float(params["top_p"]),
-                    min_p=float(params["min_p"]),
-                    repetition_penalty=float(params["repetition_penalty"]),
-                    presence_penalty=float(params["presence_penalty"]),
-                    frequency_penalty=float(params["frequency_penalty"]),
-                    seed=params["seed"],
-                    stop_token_ids=list(params["stop_token_ids"]),
-                    ignore_eos=params["ignore_eos"],
-                    logprobs=params["logprobs"],
-                ),
-            )
-            return None
-        except ValueError as exc:
-            problem = str(exc)
-    return message("error", id=max(request_id, 0), message=problem)
+    try:
+        prompt, params = sampling_params(msg)
+        engine.add_request(request_id, prompt, params)
+        return None
+    except (ProtocolError, ValueError) as exc:
+        return message("error", id=max(request_id, 0), message=str(exc))
 
 
 def serve(engine: Any, conn: FrameSocket, inbox: Inbox) -> int:

@@ -4,7 +4,7 @@
 #                    answers /health and /ping, and spawns the worker. A snapshot given as
 #                    s3://bucket/prefix goes through `thaw serve`, which pulls it and then execs
 #                    the gateway.
-#   arguments     -> run them instead; queue mode is `python -m handler.runpod_handler`
+#   arguments     -> run them instead; queue mode is `python -m handler.runpod_queue`
 #                    (RunPod's "container start command"), which starts the gateway itself.
 # `exec` keeps one process per role, so signals reach the gateway or the handler directly.
 set -eu

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 venv=${THAW_VENV:-/opt/thaw/venv}
 requirements=${THAW_REQUIREMENTS:-requirements/serve.txt}
-check=${THAW_IMPORT_CHECK:-torch safetensors msgpack runpod handler.worker handler.runpod_handler thaw.cli}
+check=${THAW_IMPORT_CHECK:-torch safetensors msgpack runpod handler.worker handler.runpod_queue.handler thaw.cli}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 "${PYTHON:-python3}" -m venv "$venv"

@@ -56,8 +56,8 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the budget le
 #    the warm-up package (capture runs on the real CUDA graph path there), and the engine's own
 #    CUDA start: KV sized from free memory, decode graphs captured and replayed.
 step "pytest" 180 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_triton_attention.py tests/test_warmup_kv_sizing.py tests/test_warmup_cuda_graphs.py \
-  tests/test_warmup_warm_profile.py tests/test_warmup_warm_start.py tests/test_engine_gpu_path.py
+  tests/handler/attention/test_triton_paged.py tests/warmup/test_kv_sizing.py tests/warmup/test_cuda_graphs.py \
+  tests/warmup/test_warm_profile.py tests/warmup/test_warm_start.py tests/handler/engine/test_gpu_path.py
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 1 >"$OUT/pytest.log"
 echo "   pytest: $(cat "$OUT/pytest.log")"
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test and lint of the project: Rust (fmt, clippy, unit tests) and Python (ruff, pytest).
+# Every test and lint of the project: Rust (fmt, clippy, unit tests, module layers) and Python
+# (ruff, the import layers of docs/architecture.md, pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$HOME/.cargo/bin:$PATH"
@@ -10,4 +11,5 @@ if [[ -f rust_gateway/Cargo.toml ]]; then
 fi
 ruff check .
 ruff format --check .
+lint-imports
 pytest -q tests

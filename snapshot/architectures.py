@@ -1,27 +1,109 @@
-"""The architectures a snapshot may hold, and the tensors (with shapes) each one needs.
+"""The architectures thaw serves: one spec per family, read by the snapshot checks (which tensors
+with which shapes) and by the model code (handler/model/config.py: biases, sliding window).
 
-The shapes follow from config.json alone, so verify can catch a wrong or foreign tensor
+Everything here follows from config.json alone, so verify can catch a wrong or foreign tensor
 without importing any model code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from snapshot.errors import SnapshotError
 
 Shape = tuple[int, ...]
+HFConfig = dict[str, Any]
 
 
-def _int(config: dict[str, Any], key: str) -> int:
+@dataclass(frozen=True)
+class Biases:
+    qkv: bool
+    o: bool
+    mlp: bool
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """What makes one family differ from the plain Llama layout."""
+
+    name: str  # config.json's architectures[0]
+    model_type: str  # config.json's model_type (all a GGUF file carries)
+    biases: Callable[[HFConfig], Biases]
+    # The attention window in tokens when the config switches one on, else None.
+    sliding_window: Callable[[HFConfig], int | None]
+
+
+def _llama_biases(config: HFConfig) -> Biases:
+    attention = bool(config.get("attention_bias", False))
+    return Biases(qkv=attention, o=attention, mlp=bool(config.get("mlp_bias", False)))
+
+
+def _window(config: HFConfig) -> int | None:
+    window = config.get("sliding_window")
+    return None if window is None else int(window)
+
+
+def _qwen2_window(config: HFConfig) -> int | None:
+    return _window(config) if config.get("use_sliding_window", False) else None
+
+
+SPECS: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec("LlamaForCausalLM", "llama", _llama_biases, _window),
+    # transformers' Mistral has no bias anywhere, whatever the config says.
+    ArchitectureSpec(
+        "MistralForCausalLM", "mistral", lambda _c: Biases(False, False, False), _window
+    ),
+    # Qwen2 always has q/k/v biases and none elsewhere.
+    ArchitectureSpec(
+        "Qwen2ForCausalLM", "qwen2", lambda _c: Biases(True, False, False), _qwen2_window
+    ),
+)
+SUPPORTED: dict[str, ArchitectureSpec] = {spec.name: spec for spec in SPECS}
+BY_MODEL_TYPE: dict[str, ArchitectureSpec] = {spec.model_type: spec for spec in SPECS}
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(SUPPORTED))
+
+
+def check_supported(architecture: str) -> ArchitectureSpec:
+    spec = SUPPORTED.get(architecture)
+    if spec is None:
+        raise SnapshotError(
+            f"architecture {architecture} is not supported (thaw serves {supported_list()})"
+        )
+    return spec
+
+
+def spec_for_model_type(model_type: str | None) -> ArchitectureSpec:
+    spec = BY_MODEL_TYPE.get(model_type or "")
+    if spec is None:
+        raise SnapshotError(
+            f"model type {model_type} is not supported (thaw serves {supported_list()})"
+        )
+    return spec
+
+
+def architecture_of(config: HFConfig) -> str:
+    names = config.get("architectures")
+    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
+        raise SnapshotError(f"config.json: 'architectures' is {names!r}, expected one name")
+    return names[0]
+
+
+def _int(config: HFConfig, key: str) -> int:
     value = config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise SnapshotError(f"config.json: '{key}' is {value!r}, expected a positive integer")
     return value
 
 
-def _llama_family(config: dict[str, Any], qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> dict:
+def required_tensors(config: HFConfig) -> dict[str, Shape]:
+    """Every tensor the architecture in `config` needs, by Hugging Face name, with its shape."""
+    spec = check_supported(architecture_of(config))
+    bias = spec.biases(config)
     hidden = _int(config, "hidden_size")
     heads = _int(config, "num_attention_heads")
     kv_heads = config.get("num_key_value_heads") or heads
@@ -50,61 +132,18 @@ def _llama_family(config: dict[str, Any], qkv_bias: bool, o_bias: bool, mlp_bias
             p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         }
-        if qkv_bias:
+        if bias.qkv:
             shapes |= {
                 p + "self_attn.q_proj.bias": (q_out,),
                 p + "self_attn.k_proj.bias": (kv_out,),
                 p + "self_attn.v_proj.bias": (kv_out,),
             }
-        if o_bias:
+        if bias.o:
             shapes[p + "self_attn.o_proj.bias"] = (hidden,)
-        if mlp_bias:
+        if bias.mlp:
             shapes |= {
                 p + "mlp.gate_proj.bias": (inter,),
                 p + "mlp.up_proj.bias": (inter,),
                 p + "mlp.down_proj.bias": (hidden,),
             }
     return shapes
-
-
-def _llama(config: dict[str, Any]) -> dict[str, Shape]:
-    bias = bool(config.get("attention_bias", False))
-    return _llama_family(config, bias, bias, bool(config.get("mlp_bias", False)))
-
-
-def _mistral(config: dict[str, Any]) -> dict[str, Shape]:
-    return _llama_family(config, False, False, False)
-
-
-def _qwen2(config: dict[str, Any]) -> dict[str, Shape]:
-    # Qwen2 always has q/k/v biases and none elsewhere.
-    return _llama_family(config, True, False, False)
-
-
-SUPPORTED: dict[str, Callable[[dict[str, Any]], dict[str, Shape]]] = {
-    "LlamaForCausalLM": _llama,
-    "MistralForCausalLM": _mistral,
-    "Qwen2ForCausalLM": _qwen2,
-}
-
-
-def architecture_of(config: dict[str, Any]) -> str:
-    names = config.get("architectures")
-    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
-        raise SnapshotError(f"config.json: 'architectures' is {names!r}, expected one name")
-    return names[0]
-
-
-def check_supported(architecture: str) -> None:
-    if architecture not in SUPPORTED:
-        raise SnapshotError(
-            f"architecture {architecture} is not supported"
-            f" (thaw serves {', '.join(sorted(SUPPORTED))})"
-        )
-
-
-def required_tensors(config: dict[str, Any]) -> dict[str, Shape]:
-    """Every tensor the architecture in `config` needs, by Hugging Face name, with its shape."""
-    architecture = architecture_of(config)
-    check_supported(architecture)
-    return SUPPORTED[architecture](config)

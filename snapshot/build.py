@@ -116,9 +116,9 @@ def _write_weights(staging: Path, state: dict[str, Any], shard_bytes: int) -> di
 
 
 def _manifest(staging: Path, model: Any, dtype: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    from tqdm import tqdm
+    from importlib.metadata import version
 
-    import thaw
+    from tqdm import tqdm
 
     paths = sorted(p for p in staging.iterdir() if p.name != mf.MANIFEST)
     total = sum(p.stat().st_size for p in paths)
@@ -140,7 +140,7 @@ def _manifest(staging: Path, model: Any, dtype: str, tensors: dict[str, Any]) ->
         "total_bytes": total,
         "files": files,
         "tensors": tensors,
-        "thaw_version": thaw.__version__,
+        "thaw_version": version("thaw"),
         "source": model.source.description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "warm_profiles": {},

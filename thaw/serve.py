@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from handler.env import EnvReader, SettingsError
+
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY_CANDIDATES = (
     "rust_gateway/target/thaw-gateway",
@@ -37,13 +39,18 @@ def find_gateway() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = EnvReader(os.environ)
+    try:
+        port = env.integer("PORT", 8080, minimum=0)
+    except SettingsError as exc:
+        parser.error(str(exc))
     parser.add_argument(
         "--snapshot",
-        default=os.environ.get("THAW_SNAPSHOT", str(REPO / ".thaw/snapshots/default")),
+        default=env.text("THAW_SNAPSHOT", str(REPO / ".thaw/snapshots/default")),
         help="snapshot directory, or s3://bucket/prefix (pulled first); env THAW_SNAPSHOT",
     )
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=port, help="env PORT")
+    parser.add_argument("--host", default=env.text("HOST", "127.0.0.1"), help="env HOST")
 
 
 def gateway_env(snapshot: str, port: int, host: str) -> dict[str, str]:

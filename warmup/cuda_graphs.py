@@ -6,8 +6,8 @@ the first one reserved (they share it). A step of B sequences replays the smalle
 >= B; the rows past B are padding: slot -1 (their KV writes nowhere) and context length 0. The
 graph ends at the hidden states: the LM head and sampling run outside it on just the real rows.
 
-Only the model callable and the attention metadata of handler/attention/base.py are assumed (see
-DecodeModel), so the engine can adopt this by passing its forward with the KV caches bound. The
+warmup knows nothing of the engine: the engine passes its forward with the KV caches bound
+(DecodeModel) and a function that turns a graph's DecodeView into its attention metadata. The
 attention backend must read only device tensors and Python ints fixed at capture (the Triton
 backend does; the torch reference backend, which reads host lists, is not graph-safe).
 """
@@ -23,8 +23,6 @@ from typing import Any, Protocol
 
 import torch
 
-from handler.attention.base import AttentionMetadata
-
 log = logging.getLogger(__name__)
 
 SMALL_SIZES = (1, 2, 4, 8)
@@ -33,10 +31,28 @@ LARGE_STEP = 8  # after 8: 16, 24, 32, ...
 
 class DecodeModel(Protocol):
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
     ) -> torch.Tensor:
         """Hidden states [batch, hidden] for one decode token per sequence; writes their KV."""
         ...
+
+
+@dataclass(frozen=True)
+class DecodeView:
+    """What a graph of `batch` rows reads: views of the static buffers, and the longest context
+    a block table can address (fixed at capture)."""
+
+    batch: int
+    slot_mapping: torch.Tensor  # [batch] int64, -1 = padding
+    block_tables: torch.Tensor  # [batch, blocks] int32
+    context_lens: torch.Tensor  # [batch] int32
+    query_start_loc: torch.Tensor  # [batch + 1] int32: 0, 1, ..., batch
+    max_context_len: int
+    block_size: int
+
+
+# The engine's translation of a DecodeView into the metadata its attention backends read.
+DecodeMetadataFn = Callable[[DecodeView], Any]
 
 
 # capture(step, pool) -> (replay, output, pool): record `step` once, return a function that
@@ -167,25 +183,16 @@ class StaticDecodeBuffers:
         self.context_lens[start:stop].zero_()
         self.block_tables[start:stop].zero_()
 
-    def metadata(self, graph_batch: int, block_size: int) -> AttentionMetadata:
-        """Decode-only metadata whose tensors are views of these buffers (what the graph reads).
-
-        The host-side fields are fixed at capture time: the longest context a table can address,
-        and placeholder lists. Graph-safe backends must not read them per step.
-        """
-        max_context = self.max_blocks_per_seq * block_size
-        return AttentionMetadata(
-            num_seqs=graph_batch,
-            num_decode_tokens=graph_batch,
+    def view(self, graph_batch: int, block_size: int) -> DecodeView:
+        """The rows a graph of graph_batch reads (views of these buffers)."""
+        return DecodeView(
+            batch=graph_batch,
             slot_mapping=self.slot_mapping[:graph_batch],
             block_tables=self.block_tables[:graph_batch],
             context_lens=self.context_lens[:graph_batch],
             query_start_loc=self.query_start_loc[: graph_batch + 1],
-            max_query_len=1,
-            max_context_len=max_context,
+            max_context_len=self.max_blocks_per_seq * block_size,
             block_size=block_size,
-            query_start_loc_host=list(range(graph_batch + 1)),
-            context_lens_host=[max_context] * graph_batch,
         )
 
 
@@ -201,6 +208,7 @@ class CudaGraphDecodeRunner:
     def __init__(
         self,
         model: DecodeModel,
+        decode_metadata: DecodeMetadataFn,
         max_batch: int,
         max_blocks_per_seq: int,
         block_size: int,
@@ -208,6 +216,7 @@ class CudaGraphDecodeRunner:
         capture_fn: CaptureFn = capture_cuda_graph,
     ) -> None:
         self.model = model
+        self.decode_metadata = decode_metadata
         self.block_size = block_size
         self.device = torch.device(device)
         self.buffers = StaticDecodeBuffers.allocate(max_batch, max_blocks_per_seq, self.device)
@@ -244,7 +253,7 @@ class CudaGraphDecodeRunner:
 
     def _step_fn(self, size: int) -> Callable[[], torch.Tensor]:
         buffers = self.buffers
-        meta = buffers.metadata(size, self.block_size)
+        meta = self.decode_metadata(buffers.view(size, self.block_size))
         input_ids, positions = buffers.input_ids[:size], buffers.positions[:size]
         return lambda: self.model.forward(input_ids, positions, meta)
 

@@ -1,8 +1,9 @@
 """How many KV-cache blocks fit: free device memory after the weights are in, times a configurable
 fraction, less headroom for one step's activations at the largest batch.
 
-The arithmetic is pure (tested on the CPU with made-up numbers); only size_on_device() asks CUDA
-for its free memory. A CPU worker sizes from a byte budget instead.
+The arithmetic is pure (tested on the CPU with made-up numbers); cuda_free_bytes and
+measured_headroom are the device readings that feed it. A CPU engine sizes from a byte budget
+instead (handler/engine/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MEMORY_FRACTION = 0.90
 # cuBLAS workspaces, the CUDA-graph pool and allocator slack that no formula below sees.
 DEFAULT_WORKSPACE_BYTES = 512 << 20
-# The caching allocator fragments; estimated activations are doubled before being reserved.
-ACTIVATION_SAFETY = 2.0
 GIB = 1 << 30
 
 
@@ -49,21 +47,6 @@ class KVCacheShape:
 
 
 @dataclass(frozen=True)
-class StepShape:
-    """The model dimensions and step limits that set the activation peak of one forward pass."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    dtype_bytes: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-
-
-@dataclass(frozen=True)
 class KVSizing:
     num_blocks: int
     bytes_per_block: int
@@ -86,24 +69,6 @@ class KVSizing:
         return text
 
 
-def activation_headroom_bytes(
-    step: StepShape, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
-) -> int:
-    """An upper estimate of one step's transient memory at the largest batch.
-
-    Per token: the residual stream and its norm, the fused qkv projection, the attention output,
-    and the MLP's fused gate/up product plus its activation. Per sequence: float32 logits and the
-    sampler's few same-sized temporaries (softmax, sort for top-p/top-k).
-    """
-    qkv = (step.num_heads + 2 * step.num_kv_heads) * step.head_dim
-    per_token = (
-        3 * step.hidden_size + qkv + step.num_heads * step.head_dim + 3 * step.intermediate_size
-    )
-    token_bytes = step.max_num_batched_tokens * per_token * step.dtype_bytes
-    logits_bytes = 4 * step.max_num_seqs * step.vocab_size * 4
-    return int((token_bytes + logits_bytes) * ACTIVATION_SAFETY) + workspace_bytes
-
-
 def _blocks_from_budget(budget: int, cache: KVCacheShape, min_blocks: int, why: str) -> int:
     blocks = max(budget, 0) // cache.bytes_per_block
     if blocks < min_blocks:
@@ -118,7 +83,7 @@ def _blocks_from_budget(budget: int, cache: KVCacheShape, min_blocks: int, why: 
 def size_from_free_memory(
     free_bytes: int,
     cache: KVCacheShape,
-    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    memory_fraction: float,
     headroom_bytes: int = 0,
     min_blocks: int = 1,
 ) -> KVSizing:
@@ -146,38 +111,6 @@ def size_from_free_memory(
     )
 
 
-def size_from_byte_budget(budget_bytes: int, cache: KVCacheShape, min_blocks: int = 1) -> KVSizing:
-    """The CPU fallback: as many blocks as a fixed byte budget holds."""
-    if budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-    why = f"a budget of {budget_bytes / GIB:.2f} GiB"
-    return KVSizing(
-        num_blocks=_blocks_from_budget(budget_bytes, cache, min_blocks, why),
-        bytes_per_block=cache.bytes_per_block,
-        budget_bytes=budget_bytes,
-        free_bytes=None,
-        memory_fraction=None,
-        activation_headroom_bytes=0,
-    )
-
-
-def size_on_device(
-    device: torch.device,
-    cache: KVCacheShape,
-    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-    headroom_bytes: int = 0,
-    min_blocks: int = 1,
-) -> KVSizing:
-    """size_from_free_memory with the CUDA device's free memory, read now (weights loaded)."""
-    if device.type != "cuda":
-        raise ValueError(f"size_on_device needs a CUDA device, got {device}; use a byte budget")
-    torch.cuda.synchronize(device)
-    # Cached-but-unused allocator blocks are free for our purposes; hand them back first.
-    torch.cuda.empty_cache()
-    free_bytes, _total = torch.cuda.mem_get_info(device)
-    return size_from_free_memory(free_bytes, cache, memory_fraction, headroom_bytes, min_blocks)
-
-
 def measure_peak_step_bytes(run_step: Callable[[], None], device: torch.device) -> int:
     """Run one dummy step at the largest batch and return the memory it needed beyond what was
     allocated before: the measured activation headroom a warm profile records."""
@@ -189,3 +122,17 @@ def measure_peak_step_bytes(run_step: Callable[[], None], device: torch.device) 
     run_step()
     torch.cuda.synchronize(device)
     return max(torch.cuda.max_memory_allocated(device) - before, 0)
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Free device memory now, with the allocator's cached-but-unused blocks handed back."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def measured_headroom(run_step: Callable[[], None], device: torch.device) -> int:
+    """One profiling step's peak plus what no allocator statistic sees (cuBLAS workspaces, the
+    graph pool, fragmentation)."""
+    return measure_peak_step_bytes(run_step, device) + DEFAULT_WORKSPACE_BYTES

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from warmup.cuda_graphs import DecodeView
+
 
 @dataclass
 class AttentionMetadata:
@@ -42,6 +44,25 @@ class AttentionMetadata:
     @property
     def num_prefill_tokens(self) -> int:
         return self.num_tokens - self.num_decode_tokens
+
+    @classmethod
+    def for_decode_graph(cls, view: DecodeView) -> AttentionMetadata:
+        """Decode-only metadata over a captured graph's buffers. The host-side fields are fixed
+        at capture (the longest context a table can address, placeholder lists): graph-safe
+        backends must not read them per step."""
+        return cls(
+            num_seqs=view.batch,
+            num_decode_tokens=view.batch,
+            slot_mapping=view.slot_mapping,
+            block_tables=view.block_tables,
+            context_lens=view.context_lens,
+            query_start_loc=view.query_start_loc,
+            max_query_len=1,
+            max_context_len=view.max_context_len,
+            block_size=view.block_size,
+            query_start_loc_host=list(range(view.batch + 1)),
+            context_lens_host=[view.max_context_len] * view.batch,
+        )
 
 
 class AttentionBackend(ABC):

@@ -7,6 +7,7 @@ import mmap
 import torch
 
 from handler.model import KVCaches, ModelConfig
+from warmup.kv_sizing import KVCacheShape
 
 # Used when the engine config gives neither a block count nor a byte budget.
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -14,9 +15,14 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 FRESH_PAGES_BYTES = 64 << 20
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+def cache_shape(model: ModelConfig, block_size: int, dtype: torch.dtype) -> KVCacheShape:
+    return KVCacheShape(
+        model.num_layers,
+        model.num_kv_heads,
+        model.head_dim,
+        block_size,
+        torch.empty((), dtype=dtype).element_size(),
+    )
 
 
 def resolve_num_blocks(
@@ -28,15 +34,15 @@ def resolve_num_blocks(
     max_num_seqs: int,
     max_model_len: int,
 ) -> int:
+    per_block = cache_shape(model, block_size, dtype).bytes_per_block
     if num_kv_blocks is not None:
         blocks = num_kv_blocks
     elif kv_cache_bytes is not None:
-        blocks = kv_cache_bytes // bytes_per_block(model, block_size, dtype)
+        blocks = kv_cache_bytes // per_block
     else:
         # Room for every sequence at full length, within a default byte budget.
         wanted = max_num_seqs * -(-max_model_len // block_size)
-        affordable = DEFAULT_KV_CACHE_BYTES // bytes_per_block(model, block_size, dtype)
-        blocks = min(wanted, affordable)
+        blocks = min(wanted, DEFAULT_KV_CACHE_BYTES // per_block)
     if blocks < 1:
         raise ValueError(f"the KV cache must hold at least one block, got {blocks}")
     return blocks
@@ -54,9 +60,8 @@ def allocate_kv_caches(
     One zeroed allocation: padding positions are masked out of attention, and zeros keep their
     never-written values finite so a masked weight of 0 cannot meet a NaN. On the CPU a large
     cache is an anonymous memory map, whose pages the kernel hands out zero-filled on first
-    touch: as zeroed as `zeros`, without writing a gigabyte during the cold start (`zeros` costs
-    ~1.5 s on the 2-core machines). Not `empty`: malloc may serve that from memory freed
-    earlier in the process, dirty.
+    touch: as zeroed as `zeros`, without writing a gigabyte during the cold start. Not `empty`:
+    malloc may serve that from memory freed earlier in the process, dirty.
     """
     shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

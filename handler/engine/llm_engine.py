@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from handler.attention import create_backend
 from handler.attention.registry import GRAPH_SAFE_BACKENDS, resolve_backend_name
 from handler.engine.block_manager import BlockManager
-from handler.engine.kv_cache import allocate_kv_caches, resolve_num_blocks
-from handler.engine.params import EngineConfig, EngineStats, SamplingParams, TokenOutput
+from handler.engine.config import DEVICE_AUTO, EngineConfig
+from handler.engine.device_start import DeviceStart, plan_device_start
+from handler.engine.kv_cache import allocate_kv_caches, cache_shape, resolve_num_blocks
+from handler.engine.params import EngineStats, SamplingParams, TokenOutput
 from handler.engine.runner import ModelRunner, profile_step
 from handler.engine.sampler import Sampler
 from handler.engine.scheduler import Scheduler
@@ -20,14 +23,7 @@ from handler.engine.sequence import Sequence
 from handler.kernels.cpu import load_cpu_kernels
 from handler.model import LlamaModel, MissingWeightError, ModelConfig
 from warmup.cuda_graphs import CaptureTiming
-from warmup.engine_start import (
-    DeviceStart,
-    DeviceStartConfig,
-    cuda_free_bytes,
-    measured_headroom,
-    plan_device_start,
-)
-from warmup.kv_sizing import KVCacheShape
+from warmup.kv_sizing import cuda_free_bytes, measured_headroom
 from warmup.warm_start import GpuKind
 
 
@@ -42,25 +38,17 @@ class LLMEngine:
     ) -> None:
         """on_phase(name) is called as start-up phases end: "kv_allocated", then
         "graphs_captured" when decode graphs were captured (docs/protocol.md names)."""
-        if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
-            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        # Checked on every device so a CPU-tested config cannot fail first on the GPU.
-        start_config = DeviceStartConfig(
-            config.block_size,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.gpu_memory_fraction,
-            config.cuda_graph_max_batch,
-            config.snapshot_dir,
-        )
         self.model_config = model_config
         self.config = config
+        self.model_name = ""  # what the snapshot says it was built from (from_snapshot)
         self.eos_token_ids = sorted(set(eos_token_ids))
         self._eos = set(eos_token_ids)
-        device = torch.device(config.device)
+        device = resolve_device(config.device)
         if "model.embed_tokens.weight" not in weights:
             raise MissingWeightError("weight 'model.embed_tokens.weight' is missing")
-        dtype = config.dtype or weights["model.embed_tokens.weight"].dtype
+        dtype = weights["model.embed_tokens.weight"].dtype
+        if config.dtype is not None:
+            dtype = getattr(torch, config.dtype)
         context = model_config.max_position_embeddings
         if config.max_model_len is not None:
             context = min(context, config.max_model_len)
@@ -86,7 +74,7 @@ class LLMEngine:
         self.device_start: DeviceStart | None = None
         if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_bytes is None:
             with torch.inference_mode():
-                self.device_start = _plan_device_start(model, start_config, context)
+                self.device_start = _plan_device_start(model, config, context)
             self.num_blocks = self.device_start.num_kv_blocks
         else:
             self.num_blocks = resolve_num_blocks(
@@ -114,7 +102,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler(kernels))
         self.graph_timings: list[CaptureTiming] = []
         if device.type == "cuda" and self.attention_backend in GRAPH_SAFE_BACKENDS:
-            self.graph_timings = self._capture_decode_graphs(start_config.graph_max_batch)
+            self.graph_timings = self._capture_decode_graphs(config.graph_max_batch)
             if self.graph_timings and on_phase is not None:
                 on_phase("graphs_captured")
         if self.device_start is not None:
@@ -149,16 +137,25 @@ class LLMEngine:
         config: EngineConfig,
         on_phase: Callable[[str], None] | None = None,
     ) -> LLMEngine:
+        """The engine of a snapshot directory: the one way the worker and callers build one.
+        on_phase also hears "weights_mapped" once the weights are mapped."""
         from snapshot.loader import load_snapshot
 
-        snap = load_snapshot(path, config.device)
+        snap = load_snapshot(path, str(resolve_device(config.device)))
+        if on_phase is not None:
+            on_phase("weights_mapped")
         if config.snapshot_dir is None:
             # The warm profile lives in this snapshot's manifest.
             config = replace(config, snapshot_dir=str(path))
-        eos = snap.generation_config.get("eos_token_id", snap.config.get("eos_token_id"))
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         engine = cls(
-            ModelConfig.from_hf_config(snap.config), snap.weights, eos_ids, config, on_phase
+            ModelConfig.from_hf_config(snap.config),
+            snap.weights,
+            eos_token_ids(snap.generation_config, snap.config),
+            config,
+            on_phase,
+        )
+        engine.model_name = str(
+            snap.manifest.get("source") or snap.config.get("_name_or_path") or ""
         )
         # Weights may be views of the snapshot's mapped files: keep the mappings alive.
         engine._weight_backing = snap.backing
@@ -295,34 +292,39 @@ class LLMEngine:
         return [results[i] for i in range(len(prompts))]
 
 
-def _plan_device_start(
-    model: LlamaModel, start_config: DeviceStartConfig, max_seq_len: int
-) -> DeviceStart:
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is CUDA when a device is there, else the CPU."""
+    if name == DEVICE_AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def eos_token_ids(generation_config: dict[str, Any], model_config: dict[str, Any]) -> list[int]:
+    """generation_config.json's eos_token_id (one id or a list), else config.json's."""
+    eos = generation_config.get("eos_token_id", model_config.get("eos_token_id"))
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _plan_device_start(model: LlamaModel, config: EngineConfig, max_seq_len: int) -> DeviceStart:
     """KV blocks on CUDA: measured (a profiling step at the largest batch, then the free memory)
     or taken from the snapshot's warm profile for this GPU kind."""
-    cfg = model.config
     device = model.device
-    cache = KVCacheShape(
-        cfg.num_layers,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        start_config.block_size,
-        torch.empty((), dtype=model.dtype).element_size(),
-    )
 
     def largest_step() -> None:
         profile_step(
             model,
-            start_config.block_size,
-            start_config.max_num_batched_tokens,
-            start_config.max_num_seqs,
+            config.block_size,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
             max_seq_len,
         )
 
     return plan_device_start(
-        start_config,
-        cache,
-        model.dtype,
+        config,
+        cache_shape(model.config, config.block_size, model.dtype),
+        str(model.dtype).removeprefix("torch."),
         GpuKind.of(device),
         lambda: measured_headroom(largest_step, device),
         lambda: cuda_free_bytes(device),

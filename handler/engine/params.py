@@ -1,13 +1,15 @@
-"""Plain data crossing the engine's API: request parameters, engine settings, outputs, stats."""
+"""Plain data crossing the engine's API: request parameters, outputs, stats."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-import torch
-
+# The bounds below are the sampling contract the gateway enforces too; both test suites check
+# them against docs/sampling_contract.json.
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
 # Below this, dividing logits by the temperature overflows float32; it is greedy anyway.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -42,7 +44,7 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first bad field."""
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
-        _check_float("temperature", self.temperature, low=0.0)
+        _check_float("temperature", self.temperature, low=0.0, high=MAX_TEMPERATURE)
         _check_int("top_k", self.top_k, low=0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0)
         if self.top_p == 0.0:
@@ -54,7 +56,7 @@ class SamplingParams:
         _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0, high=2**63 - 1)
+            _check_int("seed", self.seed, low=0, high=MAX_SEED)
         if not isinstance(self.stop_token_ids, list | tuple):
             raise ValueError("stop_token_ids must be a list of token ids")
         for token in self.stop_token_ids:
@@ -78,34 +80,6 @@ def _check_float(name: str, value: object, low: float, high: float | None = None
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # wins over kv_cache_bytes when both are set
-    kv_cache_bytes: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    device: str = "cpu"
-    dtype: torch.dtype | None = None  # None = the weights' dtype
-    # "auto" (flash or triton on CUDA, torch off it) or a name in handler.attention.BACKENDS
-    attention_backend: str = "auto"
-    # On CUDA, without num_kv_blocks/kv_cache_bytes: the share of the memory free after the
-    # weights that the KV cache and one step's activations may take.
-    gpu_memory_fraction: float = 0.9
-    cuda_graph_max_batch: int = 64  # decode CUDA graphs up to this batch; 0 = off (CUDA only)
-    snapshot_dir: str | None = None  # where the warm profile is read and recorded, if any
-    # Pack bfloat16 CPU weights at load (handler/model/linear.py): for thaw's matrix multiply
-    # when the kernels have it, else for oneDNN (same outputs as F.linear). Faster matmuls, a
-    # copy of the weights in memory instead of the mapped files.
-    pack_cpu_weights: bool = True
-    # Fused C kernels (norms over a float32 residual stream, rotary, SiLU, paged attention, the
-    # linear layers' matrix multiply, the sampler's normaliser) with bfloat16 on the CPU
-    # (handler/kernels); float32 keeps plain torch ops, bit-exact with transformers.
-    cpu_kernels: bool = True
 
 
 @dataclass

@@ -58,6 +58,7 @@ class ModelRunner:
         replay them from now on. The backend must be graph-safe (registry.GRAPH_SAFE_BACKENDS)."""
         graphs = CudaGraphDecodeRunner(
             BoundModel(self.model, self.kv_caches),
+            AttentionMetadata.for_decode_graph,
             max_batch,
             max_blocks_per_seq,
             self.block_size,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from snapshot.architectures import BY_MODEL_TYPE, SUPPORTED, ArchitectureSpec, supported_list
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,23 +45,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        archs = hf.get("architectures") or []
-        arch = archs[0] if archs else _architecture_from_model_type(hf.get("model_type"))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        spec = _spec_of(hf)
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
         max_pos = int(hf.get("max_position_embeddings", 2048))
-        _refuse_sliding_window(arch, hf, max_pos)
+        window = spec.sliding_window(hf)
+        if window is not None and window < max_pos:
+            raise UnsupportedModelError(
+                f"{spec.name} with sliding-window attention (sliding_window={window} < "
+                f"max_position_embeddings={max_pos}) is not supported yet"
+            )
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
-        attention_bias = bool(hf.get("attention_bias", False))
+        biases = spec.biases(hf)
         return cls(
-            architecture=arch,
+            architecture=spec.name,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(hf["intermediate_size"]),
@@ -71,33 +71,22 @@ class ModelConfig:
             max_position_embeddings=max_pos,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qkv_bias=biases.qkv,
+            o_bias=biases.o,
+            mlp_bias=biases.mlp,
             rope=_rope_config(hf),
         )
 
 
-def _architecture_from_model_type(model_type: str | None) -> str:
-    by_type = {
-        "llama": "LlamaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-    }
-    return by_type.get(model_type or "", f"<model_type {model_type!r}>")
-
-
-def _refuse_sliding_window(arch: str, hf: dict[str, Any], max_pos: int) -> None:
-    window = hf.get("sliding_window")
-    if arch == "Qwen2ForCausalLM":
-        active = bool(hf.get("use_sliding_window", False)) and window is not None
-    else:
-        active = window is not None
-    if active and int(window) < max_pos:
+def _spec_of(hf: dict[str, Any]) -> ArchitectureSpec:
+    archs = hf.get("architectures") or []
+    spec = SUPPORTED.get(archs[0]) if archs else BY_MODEL_TYPE.get(hf.get("model_type") or "")
+    if spec is None:
+        name = archs[0] if archs else f"<model_type {hf.get('model_type')!r}>"
         raise UnsupportedModelError(
-            f"{arch} with sliding-window attention (sliding_window={window} < "
-            f"max_position_embeddings={max_pos}) is not supported yet"
+            f"architecture {name!r} is not supported; supported: {supported_list()}"
         )
+    return spec
 
 
 def _rope_config(hf: dict[str, Any]) -> RopeConfig:

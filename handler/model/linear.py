@@ -1,13 +1,12 @@
 """Linear layers: thaw's own bf16 matrix multiply, oneDNN with a packed weight, or F.linear.
 
 On the CPU in bfloat16 every weight is packed once at load, because a decode step of 32
-sequences streams all 270 MB of SmolLM2's weights and what the matmul does per weight byte
+sequences streams all of the model's weights and what the matmul does per weight byte
 decides the step's time:
 
 - "thaw": handler/kernels/cpu_gemm.c, when the CPU kernels are built with AVX-512 BF16. The
   weight is re-laid into 48-column panels that stream in order and stay in L2 while every
-  8-row tile of the batch passes over them. Measured here at 32 rows: 22 ms for SmolLM2's
-  linear layers against oneDNN's 29 ms (bench: `thaw bench engine`, its packed ceiling).
+  8-row tile of the batch passes over them (README, engine benchmark: its packed ceiling).
   float32 accumulation like oneDNN, but another summation order: outputs differ from F.linear
   in the last bf16 bit now and then (tests bound it against a float64 reference).
 - "onednn": torch's own bf16 kernel with the weight in oneDNN's blocked layout, done once

@@ -43,7 +43,6 @@ class LlamaModel:
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self._qk_size = q_size + kv_size
-        self._kv_size = kv_size
         self.kernels = kernels
 
     def forward(

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from handler.env import EnvReader, SettingsError
+
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8080"
 # worker-vllm defaults to 30; continuous batching wants more jobs in flight than that.
 DEFAULT_CONCURRENCY = 64
@@ -15,8 +17,8 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_READY_TIMEOUT_S = 400.0
 
 
-class ConfigError(ValueError):
-    """An environment variable of the handler has a value it cannot use."""
+# The handler's settings errors are the environment reader's.
+ConfigError = SettingsError
 
 
 @dataclass(frozen=True)
@@ -35,43 +37,18 @@ class HandlerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> HandlerConfig:
-        url = env.get("THAW_GATEWAY_URL", DEFAULT_GATEWAY_URL).rstrip("/")
+        read = EnvReader(env)
+        url = read.text("THAW_GATEWAY_URL", DEFAULT_GATEWAY_URL).rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"THAW_GATEWAY_URL must be an http(s) URL, got {url!r}")
         return cls(
             gateway_url=url,
-            concurrency=_positive_int(env, "THAW_RUNPOD_CONCURRENCY", DEFAULT_CONCURRENCY),
-            ready_timeout_s=_positive_float(
-                env, "THAW_RUNPOD_READY_TIMEOUT", DEFAULT_READY_TIMEOUT_S
+            concurrency=read.integer("THAW_RUNPOD_CONCURRENCY", DEFAULT_CONCURRENCY, minimum=1),
+            ready_timeout_s=read.number(
+                "THAW_RUNPOD_READY_TIMEOUT", DEFAULT_READY_TIMEOUT_S, positive=True
             ),
-            api_key=env.get("THAW_API_KEY") or None,
-            gateway_cmd=tuple(shlex.split(env.get("THAW_GATEWAY_CMD", ""))),
-            snapshot=env.get("THAW_SNAPSHOT") or None,
+            api_key=read.optional_text("THAW_API_KEY"),
+            gateway_cmd=tuple(shlex.split(read.text("THAW_GATEWAY_CMD", ""))),
+            snapshot=read.optional_text("THAW_SNAPSHOT"),
         )
-
-
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
-    return value
-
-
-def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
-    return value

@@ -15,9 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from handler.runpod_config import HandlerConfig
-from handler.runpod_jobs import GatewayCall
-from handler.runpod_output import error_message
+from handler.runpod_queue.config import HandlerConfig
+from handler.runpod_queue.jobs import GatewayCall
+from handler.runpod_queue.output import error_message
 
 POLL_INTERVAL_S = 0.05
 PING_TIMEOUT_S = 2.0

@@ -1,13 +1,13 @@
 """RunPod queue-endpoint handler: each job is forwarded to the local thaw gateway.
 
-Container command for a queue endpoint:  python -m handler.runpod_handler
+Container command for a queue endpoint:  python -m handler.runpod_queue
 It starts the gateway itself when none listens at THAW_GATEWAY_URL, then hands over to the runpod
 SDK, which takes up to THAW_RUNPOD_CONCURRENCY jobs at once; the gateway batches them
 continuously. Jobs taken while the model is still loading wait for `/ping` to answer 200.
 
 Local checks without RunPod (the SDK's own modes):
-  python -m handler.runpod_handler --test_input '{"input": {"prompt": "Hello"}}'
-  python -m handler.runpod_handler --rp_serve_api --rp_api_port 8000
+  python -m handler.runpod_queue --test_input '{"input": {"prompt": "Hello"}}'
+  python -m handler.runpod_queue --rp_serve_api --rp_api_port 8000
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from handler.runpod_config import ConfigError, HandlerConfig
-from handler.runpod_gateway import GatewayClient, GatewayError
-from handler.runpod_jobs import GatewayCall, JobInputError, parse_job_input
-from handler.runpod_output import error_message, text_chunks
-from handler.runpod_spawn import ensure_gateway
+from handler.runpod_queue.config import ConfigError, HandlerConfig
+from handler.runpod_queue.gateway_client import GatewayClient, GatewayError
+from handler.runpod_queue.jobs import GatewayCall, JobInputError, parse_job_input
+from handler.runpod_queue.output import error_message, text_chunks
+from handler.runpod_queue.spawn import ensure_gateway
 
 JobHandler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
@@ -109,7 +109,7 @@ def main() -> int:
     try:
         config = HandlerConfig.from_env()
     except ConfigError as err:
-        print(f"runpod_handler: {err}", file=sys.stderr)
+        print(f"runpod_queue: {err}", file=sys.stderr)
         return 2
     # The SDK is imported after the gateway is spawned: its import alone takes about a second.
     process = ensure_gateway(config)
@@ -131,7 +131,3 @@ def main() -> int:
         }
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import sys
 import threading
 from urllib.parse import urlsplit
 
-from handler.runpod_config import HandlerConfig
+from handler.runpod_queue.config import HandlerConfig
 
 log = logging.getLogger("thaw.runpod")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})

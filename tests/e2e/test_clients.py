@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.serve_fixtures import Server, ensure_default_snapshot
+from tests.support.serve_fixtures import Server, ensure_default_snapshot
 
 CHAT = [
     {"role": "system", "content": "You are a terse assistant."},

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_fixtures import Server, ensure_default_snapshot
+from tests.support.serve_fixtures import Server, ensure_default_snapshot
 
 PROMPTS = [
     "The capital of France is",

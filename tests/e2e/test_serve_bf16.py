@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from handler.kernels.build import compiler
-from tests.serve_fixtures import Server, ensure_default_snapshot
+from tests.support.serve_fixtures import Server, ensure_default_snapshot
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

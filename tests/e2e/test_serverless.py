@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO
-from tests.serve_fixtures import Server, ensure_default_snapshot, free_port
+from tests.support.serve_fixtures import Server, ensure_default_snapshot, free_port
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_test_input_mode_starts_the_gateway_and_answers(snapshot: Path) -> None:
         }
     }
     done = subprocess.run(
-        [sys.executable, "-m", "handler.runpod_handler", "--test_input", json.dumps(job)],
+        [sys.executable, "-m", "handler.runpod_queue", "--test_input", json.dumps(job)],
         env=handler_env(snapshot, port),
         cwd=REPO,
         capture_output=True,
@@ -58,7 +58,7 @@ def test_test_input_mode_starts_the_gateway_and_answers(snapshot: Path) -> None:
 
 def test_test_input_with_a_bad_job_fails() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "handler.runpod_handler", "--test_input", '{"input": {}}'],
+        [sys.executable, "-m", "handler.runpod_queue", "--test_input", '{"input": {}}'],
         env=handler_env(Path("/nonexistent"), free_port()),
         cwd=REPO,
         capture_output=True,
@@ -76,7 +76,7 @@ def local_api(snapshot: Path) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "handler.runpod_handler",
+            "handler.runpod_queue",
             "--rp_serve_api",
             "--rp_api_port",
             str(api_port),

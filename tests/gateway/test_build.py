@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.gateway_fixtures import build_gateway
+from tests.support.gateway_fixtures import build_gateway
 
 ENV_VARS = [
     "PORT",
@@ -27,7 +27,7 @@ ENV_VARS = [
     "THAW_IDLE_TIMEOUT",
     "THAW_SHUTDOWN_GRACE_S",
 ]
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "gateway.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
 
 
 def test_binary_is_statically_linked(gateway_binary: Path) -> None:

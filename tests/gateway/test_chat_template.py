@@ -6,7 +6,7 @@ conversations and what transformers renders for them; the unit test in
 rust_gateway/src/chat_template.rs renders the same conversations and must produce the same strings
 (or fail where transformers fails). The tests here keep expected.json true to transformers and run
 that Rust test. After adding a template or a conversation, regenerate the file with
-`THAW_UPDATE_FIXTURES=1 pytest tests/test_chat_template.py`.
+`THAW_UPDATE_FIXTURES=1 pytest tests/gateway/test_chat_template.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
 EXPECTED = FIXTURES / "expected.json"
 TEMPLATES = ("llama3", "mistral", "qwen2", "smollm2")
@@ -130,7 +130,7 @@ def build_expected() -> dict[str, Any]:
         tokenizer = transformers_tokenizer(load_fixture(name))
         for conversation in CONVERSATIONS:
             cases.append({"template": name, **render_case(tokenizer, conversation)})
-    return {"generated_by": "tests/test_chat_template.py", "cases": cases}
+    return {"generated_by": "tests/gateway/test_chat_template.py", "cases": cases}
 
 
 def fixture_drift(committed: dict[str, Any], current: dict[str, Any]) -> list[str]:

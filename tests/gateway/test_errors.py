@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.gateway_fixtures import Gateway, start_gateway
+from tests.support.gateway_fixtures import Gateway, start_gateway
 
 JSON = {"Content-Type": "application/json"}
 TEN_MB = b'{"inputs": "' + b"a" * (10 * 1024 * 1024) + b'"}'

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_fixtures import Gateway
+from tests.support.gateway_fixtures import Gateway
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 

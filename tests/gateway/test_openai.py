@@ -1,5 +1,5 @@
 """The OpenAI-compatible routes end to end, with the real `openai` client, against the gateway
-and the stub worker (which echoes the prompt's token ids; see tests/stub_worker.py)."""
+and the stub worker (which echoes the prompt's token ids; see tests/support/stub_worker.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import requests
 from tokenizers import Tokenizer
 
-from tests.gateway_fixtures import Gateway, start_gateway
+from tests.support.gateway_fixtures import Gateway, start_gateway
 
 # A ChatML-like template; the tiny tokenizer has no special tokens for it, which does not matter.
 CHAT_TEMPLATE = (

@@ -17,8 +17,8 @@ import requests
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
-from tests.gateway_fixtures import ROOT, Gateway, start_gateway
-from tests.test_openai_gateway import CHAT, make_chat_snapshot
+from tests.gateway.test_openai import CHAT, make_chat_snapshot
+from tests.support.gateway_fixtures import ROOT, Gateway, start_gateway
 
 API_ROUTER = ROOT / "rust_gateway" / "src" / "api" / "mod.rs"
 JSON = {"Content-Type": "application/json"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.gateway_fixtures import Gateway, free_port, gateway_env
+from tests.support.gateway_fixtures import Gateway, free_port, gateway_env
 
 
 def first_health_ms(binary: Path, snapshot: Path, tmp_path: Path) -> float:

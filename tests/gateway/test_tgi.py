@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from tests.gateway_fixtures import encode
+from tests.support.gateway_fixtures import encode
 
 MULTI_BYTE = "Grüße aus Köln 🙂 日本語"
 

@@ -256,3 +256,38 @@ def test_gateway_going_away_stops_the_worker(gateway: FakeGateway) -> None:
     gateway.start()
     gateway.conn.close()
     assert gateway.proc.wait(timeout=30) == 0
+
+
+def test_worker_builds_the_engine_from_snapshot_builds(tiny_snapshot: Path, tmp_path: Path) -> None:
+    """One construction path: what the worker reports at ready is the engine that
+    LLMEngine.from_snapshot builds from the same snapshot and the same settings. The snapshot's
+    generation_config.json has no eos_token_id, so both must fall back to config.json's."""
+    import json
+    import shutil
+
+    from handler.engine.llm_engine import LLMEngine
+    from handler.worker_settings import WorkerSettings
+    from tests.support.snapshot_fixtures import rewrite_manifest_checksums
+
+    snap = tmp_path / "snap"
+    shutil.copytree(tiny_snapshot, snap)
+    generation = json.loads((snap / "generation_config.json").read_text())
+    generation.pop("eos_token_id", None)
+    (snap / "generation_config.json").write_text(json.dumps(generation))
+    assert json.loads((snap / "config.json").read_text())["eos_token_id"] == 2
+    rewrite_manifest_checksums(snap)
+
+    env = {"THAW_MAX_NUM_SEQS": "8", "THAW_KV_CACHE_BYTES": str(4 << 20)}
+    gw = FakeGateway(snap, env)
+    try:
+        ready = gw.start()
+    finally:
+        gw.close()
+    settings = WorkerSettings.from_env({"THAW_SOCKET": "s", "THAW_SNAPSHOT": str(snap), **env})
+    engine = LLMEngine.from_snapshot(snap, settings.engine)
+    assert ready["eos_token_ids"] == engine.eos_token_ids == [2]
+    assert ready["max_context"] == engine.max_model_len
+    assert ready["kv_blocks"] == engine.stats().kv_total_blocks
+    assert ready["block_size"] == engine.config.block_size
+    assert ready["max_running"] == engine.config.max_num_seqs == 8
+    assert ready["model"] == engine.model_name

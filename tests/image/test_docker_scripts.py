@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "scripts").glob("docker_*.sh"))
 
 
@@ -183,9 +183,9 @@ def _fake_command(directory: Path, name: str) -> None:
             "thaw serve --snapshot s3://models/smollm2 --host 0.0.0.0 --port 8080",
         ),
         (
-            ["python", "-m", "handler.runpod_handler"],
+            ["python", "-m", "handler.runpod_queue"],
             "/snapshot",
-            "python -m handler.runpod_handler",
+            "python -m handler.runpod_queue",
         ),
     ],
 )

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from snapshot import manifest as mf
 from snapshot.errors import SnapshotError
 from snapshot.verify import verify_snapshot
-from tests.snapshot_fixtures import CHAT_TEMPLATE, build, save_tiny_model
+from tests.support.snapshot_fixtures import CHAT_TEMPLATE, build, save_tiny_model
 
 
 def snapshot_tensors(directory: Path) -> dict[str, torch.Tensor]:

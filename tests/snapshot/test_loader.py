@@ -16,7 +16,7 @@ from snapshot.device_copy import BASE_ALIGN, plan_copy, stream_into
 from snapshot.errors import SnapshotError
 from snapshot.loader import load_snapshot, prefetch_into_page_cache, typed_view
 from snapshot.tensorfile import read_header
-from tests.snapshot_fixtures import rewrite_manifest_checksums
+from tests.support.snapshot_fixtures import rewrite_manifest_checksums
 
 
 def test_cpu_load_equals_safetensors_and_is_zero_copy(tiny_llama_snapshot: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from snapshot.verify import verify_snapshot
-from tests.snapshot_fixtures import build, save_tiny_model
+from tests.support.snapshot_fixtures import build, save_tiny_model
 from thaw.cli import main as thaw
 
 BUCKET = "models"

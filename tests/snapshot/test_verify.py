@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.snapshot_fixtures import VENV_BIN, rewrite_manifest_checksums
+from tests.support.snapshot_fixtures import VENV_BIN, rewrite_manifest_checksums
 from thaw.cli import main as thaw
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-from handler.engine import EngineConfig, LLMEngine, ModelConfig, SamplingParams
+from handler.engine.config import EngineConfig
+from handler.engine.llm_engine import LLMEngine
+from handler.engine.params import SamplingParams
+from handler.model.config import ModelConfig
 
 VOCAB = 384
 EOS_ID = 3

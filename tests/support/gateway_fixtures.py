@@ -1,5 +1,5 @@
 """Helpers for the gateway's end-to-end tests: build the binary, make a tiny snapshot, start the
-gateway with the stub worker (tests/stub_worker.py) and talk to it."""
+gateway with the stub worker (tests/support/stub_worker.py) and talk to it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-STUB_WORKER = ROOT / "tests" / "stub_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+STUB_WORKER = ROOT / "tests" / "support" / "stub_worker.py"
 EOS = "<|endoftext|>"
 
 # Text the tiny tokenizer is trained on: ASCII words plus multi-byte characters, so that

@@ -27,9 +27,10 @@ from typing import Any
 from handler.protocol import (
     PROTOCOL_VERSION,
     FrameSocket,
+    ProtocolError,
     message,
     output_item,
-    validate_submit,
+    sampling_params,
 )
 
 
@@ -80,7 +81,12 @@ class StubEngine:
         """Admit a submit; returns an `error` message when it is refused."""
         self.submits += 1
         self.maybe_crash()
-        problem = validate_submit(msg)
+        problem = None
+        try:
+            _prompt, sampling = sampling_params(msg)
+            sampling.validate(vocab_size=2**31)
+        except (ProtocolError, ValueError) as exc:
+            problem = str(exc)
         if problem is None and len(msg["prompt"]) > self.config.max_context:
             problem = f"prompt of {len(msg['prompt'])} tokens exceeds the context"
         if problem is not None:

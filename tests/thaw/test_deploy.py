@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fake_runpod_api import FakeRunPodApi
+from tests.support.fake_runpod_api import FakeRunPodApi
 from thaw.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 
 
@@ -108,7 +108,7 @@ def test_queue_endpoint_runs_the_runpod_handler(
     )
     calls = dry_run(capsys, path)
     saved_template = calls[1]["body"]["variables"]["input"]
-    assert saved_template["dockerArgs"] == "python -m handler.runpod_handler"
+    assert saved_template["dockerArgs"] == "python -m handler.runpod_queue"
     assert saved_template["ports"] == ""
     env = env_dict(saved_template["env"])
     assert env["THAW_SNAPSHOT"] == "s3://models/thaw/smollm2"

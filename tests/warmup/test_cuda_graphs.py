@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from handler.attention.base import AttentionMetadata
-from handler.attention.paged_reference import (
+from tests.handler.attention.paged_reference import (
     paged_decode_attention_reference,
     store_kvcache_reference,
 )
@@ -76,7 +76,7 @@ def test_fill_copies_rows_and_pads_the_rest_to_write_nowhere():
     assert buffers.slot_mapping[3].item() == -1
     assert buffers.context_lens[3].item() == 0
     assert buffers.input_ids[3].item() == 0 and buffers.positions[3].item() == 0
-    meta = buffers.metadata(4, BLOCK_SIZE)
+    meta = AttentionMetadata.for_decode_graph(buffers.view(4, BLOCK_SIZE))
     assert meta.num_decode_tokens == 4 and meta.max_context_len == 4 * BLOCK_SIZE
     assert meta.slot_mapping.data_ptr() == buffers.slot_mapping.data_ptr()
 
@@ -133,7 +133,9 @@ class EagerCapture:
 def test_runner_captures_largest_first_in_one_pool_and_writes_no_kv_doing_so():
     model = ToyDecoder(num_blocks=10)
     capture = EagerCapture()
-    runner = CudaGraphDecodeRunner(model, 16, 3, BLOCK_SIZE, "cpu", capture_fn=capture)
+    runner = CudaGraphDecodeRunner(
+        model, AttentionMetadata.for_decode_graph, 16, 3, BLOCK_SIZE, "cpu", capture_fn=capture
+    )
     timings = runner.capture()
     assert [t.batch for t in timings] == [16, 8, 4, 2, 1]
     assert all(t.seconds >= 0 for t in timings)
@@ -163,7 +165,15 @@ def _eager_reference(step: DecodeInputs, num_blocks: int) -> tuple[torch.Tensor,
 def test_replay_matches_eager_and_padded_rows_write_nowhere():
     num_blocks = 12
     model = ToyDecoder(num_blocks)
-    runner = CudaGraphDecodeRunner(model, 8, 3, BLOCK_SIZE, "cpu", capture_fn=EagerCapture())
+    runner = CudaGraphDecodeRunner(
+        model,
+        AttentionMetadata.for_decode_graph,
+        8,
+        3,
+        BLOCK_SIZE,
+        "cpu",
+        capture_fn=EagerCapture(),
+    )
     runner.capture()
     # Three sequences, each on its own blocks, decoding the last token of its context.
     tables = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 6]], dtype=torch.int32)
@@ -188,7 +198,9 @@ def test_replay_matches_eager_and_padded_rows_write_nowhere():
 
 
 def test_run_without_a_fitting_graph_is_a_clear_error():
-    runner = CudaGraphDecodeRunner(ToyDecoder(4), 4, 2, BLOCK_SIZE, "cpu", EagerCapture())
+    runner = CudaGraphDecodeRunner(
+        ToyDecoder(4), AttentionMetadata.for_decode_graph, 4, 2, BLOCK_SIZE, "cpu", EagerCapture()
+    )
     with pytest.raises(ValueError, match="eagerly"):
         runner.run(_step(2, 2))  # nothing captured yet
     runner.capture([1, 2])

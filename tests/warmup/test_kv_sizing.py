@@ -9,11 +9,8 @@ from warmup.kv_sizing import (
     GIB,
     KVCacheShape,
     KVCacheTooSmall,
-    StepShape,
-    activation_headroom_bytes,
-    size_from_byte_budget,
+    measure_peak_step_bytes,
     size_from_free_memory,
-    size_on_device,
 )
 
 # SmolLM2-135M in bfloat16: 30 layers, 3 KV heads of 64, 16-token blocks.
@@ -62,35 +59,6 @@ def test_bad_cache_shape_is_refused():
         KVCacheShape(num_layers=2, num_kv_heads=1, head_dim=64, block_size=0, dtype_bytes=2)
 
 
-def test_cpu_fallback_from_a_byte_budget():
-    sizing = size_from_byte_budget(GIB, SMOLLM)
-    assert sizing.num_blocks == GIB // 368_640
-    assert sizing.free_bytes is None
-    with pytest.raises(KVCacheTooSmall):
-        size_from_byte_budget(1000, SMOLLM)
-
-
-def test_activation_headroom_grows_with_the_batch():
-    step = StepShape(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        vocab_size=49152,
-        dtype_bytes=2,
-        max_num_batched_tokens=8192,
-        max_num_seqs=256,
-    )
-    small = activation_headroom_bytes(step, workspace_bytes=0)
-    # per token: 3*576 + (9+6)*64 + 9*64 + 3*1536 = 7872 elements of 2 bytes; logits 4 float32
-    # copies of 256 x 49152; all doubled for fragmentation.
-    assert small == 2 * (8192 * 7872 * 2 + 4 * 256 * 49152 * 4)
-    bigger = StepShape(**{**step.__dict__, "max_num_batched_tokens": 16384})
-    assert activation_headroom_bytes(bigger, 0) > small
-    assert activation_headroom_bytes(step) == small + (512 << 20)
-
-
-def test_size_on_device_refuses_the_cpu():
+def test_measuring_the_step_peak_refuses_the_cpu():
     with pytest.raises(ValueError, match="CUDA"):
-        size_on_device(torch.device("cpu"), SMOLLM)
+        measure_peak_step_bytes(lambda: None, torch.device("cpu"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_warmup_warm_profile import SETTINGS, snapshot_dir  # noqa: F401 - fixture
+from tests.warmup.test_warm_profile import SETTINGS, snapshot_dir  # noqa: F401 - fixture
 from warmup.cuda_graphs import CaptureTiming
 from warmup.kv_sizing import GIB, KVCacheShape
 from warmup.warm_profile import WarmSettings

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from handler.attention import paged_reference as ref
 from handler.attention.base import AttentionMetadata
+from tests.handler.attention import paged_reference as ref
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -418,7 +418,9 @@ def test_engine_model_through_the_decode_graph_runner_matches_eager():
             return model.forward(input_ids, positions, attn_metadata, caches)
 
     capture = capture_cuda_graph if ON_CUDA else capture_eagerly
-    runner = CudaGraphDecodeRunner(Bound(), 4, 4, 16, DEVICE, capture)
+    runner = CudaGraphDecodeRunner(
+        Bound(), AttentionMetadata.for_decode_graph, 4, 4, 16, DEVICE, capture
+    )
     runner.capture()
     tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor([40, 17, 33], dtype=torch.int32, device=DEVICE)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from handler.engine import SamplingParams
 from handler.engine.block_manager import BlockManager, chain_hash
+from handler.engine.params import SamplingParams
 from handler.engine.sequence import Sequence
 
 

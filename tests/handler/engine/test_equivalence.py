@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.engine import SamplingParams
-from tests.engine_fixtures import TinyModel, build_tiny, random_prompts, run_staggered
+from handler.engine.params import SamplingParams
+from tests.support.engine_fixtures import TinyModel, build_tiny, random_prompts, run_staggered
 
 MAX_NEW = 10
 ARRIVALS = [0, 0, 1, 2, 3, 5, 8, 9]  # eight prompts joining a running batch at different steps

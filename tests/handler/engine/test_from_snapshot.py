@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler.engine import EngineConfig, LLMEngine, SamplingParams
+from handler.engine.config import EngineConfig
+from handler.engine.llm_engine import LLMEngine
+from handler.engine.params import SamplingParams
 from tests.conftest import DEFAULT_SNAPSHOT
-from tests.engine_fixtures import random_prompts, run_staggered
+from tests.support.engine_fixtures import random_prompts, run_staggered
 
 MAX_NEW = 5
 

@@ -3,7 +3,8 @@ decode path (capture replaced by its eager stand-in) give the torch backend's gr
 backend choice; KV sizing from a made-up free-memory figure; the warm profile reused.
 
 The Triton parts run in a child process with TRITON_INTERPRET=1 set before triton is imported
-(see tests/test_triton_attention.py for why it cannot be switched on later in this process).
+(see tests/handler/attention/test_triton_paged.py for why it cannot be switched on later in
+this process).
 """
 
 from __future__ import annotations
@@ -18,30 +19,31 @@ import pytest
 import torch
 
 from handler.attention.registry import resolve_backend_name
-from handler.engine import SamplingParams
+from handler.engine.config import EngineConfig
+from handler.engine.device_start import plan_device_start
+from handler.engine.params import SamplingParams
 from handler.engine.runner import profile_step
-from tests.engine_fixtures import build_tiny, random_prompts
-from tests.test_warmup_warm_profile import snapshot_dir  # noqa: F401 - fixture
+from tests.support.engine_fixtures import build_tiny, random_prompts
+from tests.warmup.test_warm_profile import snapshot_dir  # noqa: F401 - fixture
 from warmup.cuda_graphs import CaptureTiming
-from warmup.engine_start import DeviceStartConfig, plan_device_start
 from warmup.kv_sizing import GIB, KVCacheShape, KVCacheTooSmall
 from warmup.warm_start import GpuKind
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
 FAKE_GPU = GpuKind("Fake GPU 80GB", 80 * GIB)
 
 
-def _start_config(**overrides: object) -> DeviceStartConfig:
+def _start_config(**overrides: object) -> EngineConfig:
     values: dict[str, object] = {
         "block_size": 16,
         "max_num_seqs": 8,
         "max_num_batched_tokens": 256,
-        "memory_fraction": 0.9,
+        "gpu_memory_fraction": 0.9,
         "cuda_graph_max_batch": 64,
         "snapshot_dir": None,
     }
-    return DeviceStartConfig(**(values | overrides))  # type: ignore[arg-type]
+    return EngineConfig(**(values | overrides))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- in the child process
@@ -96,7 +98,7 @@ def _padded_step_writes(engine, prompts: list[list[int]]) -> dict[str, list[int]
 def child_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_engine_gpu_path"],
+        [sys.executable, "-m", "tests.handler.engine.test_gpu_path"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -161,7 +163,7 @@ def test_kv_sizing_from_free_memory_after_the_weights():
     cache = KVCacheShape(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype_bytes=2)
     free, headroom = 20 * GIB, GIB
     start = plan_device_start(
-        _start_config(), cache, torch.bfloat16, FAKE_GPU, lambda: headroom, lambda: free
+        _start_config(), cache, "bfloat16", FAKE_GPU, lambda: headroom, lambda: free
     )
     assert start.num_kv_blocks == (int(free * 0.9) - headroom) // cache.bytes_per_block
     # The graphs never exceed the scheduler's batch.
@@ -169,7 +171,7 @@ def test_kv_sizing_from_free_memory_after_the_weights():
     no_graphs = plan_device_start(
         _start_config(cuda_graph_max_batch=0),
         cache,
-        torch.bfloat16,
+        "bfloat16",
         FAKE_GPU,
         lambda: headroom,
         lambda: free,
@@ -177,7 +179,7 @@ def test_kv_sizing_from_free_memory_after_the_weights():
     assert no_graphs.plan.capture_sizes == []
     with pytest.raises(KVCacheTooSmall):
         plan_device_start(
-            _start_config(), cache, torch.bfloat16, FAKE_GPU, lambda: headroom, lambda: headroom
+            _start_config(), cache, "bfloat16", FAKE_GPU, lambda: headroom, lambda: headroom
         )
 
 
@@ -194,22 +196,22 @@ def test_warm_profile_is_written_then_reused(snapshot_dir):  # noqa: F811
         return 4 * GIB
 
     config = _start_config(snapshot_dir=snapshot_dir)
-    first = plan_device_start(config, cache, torch.bfloat16, FAKE_GPU, measure, free)
+    first = plan_device_start(config, cache, "bfloat16", FAKE_GPU, measure, free)
     assert not first.plan.from_profile and calls == ["measure", "free"]
     assert first.record([CaptureTiming(8, 0.01), CaptureTiming(4, 0.01)])
     manifest = json.loads((snapshot_dir / "manifest.json").read_text())
     assert FAKE_GPU.key in manifest["warm_profiles"]
 
-    second = plan_device_start(config, cache, torch.bfloat16, FAKE_GPU, measure, free)
+    second = plan_device_start(config, cache, "bfloat16", FAKE_GPU, measure, free)
     assert second.plan.from_profile and calls == ["measure", "free"]  # nothing measured again
     assert second.num_kv_blocks == first.num_kv_blocks
     assert second.plan.capture_sizes == first.plan.capture_sizes
     assert not second.record([])  # a reused profile is not rewritten
 
     other = plan_device_start(
-        _start_config(snapshot_dir=snapshot_dir, memory_fraction=0.5),
+        _start_config(snapshot_dir=snapshot_dir, gpu_memory_fraction=0.5),
         cache,
-        torch.bfloat16,
+        "bfloat16",
         FAKE_GPU,
         measure,
         free,

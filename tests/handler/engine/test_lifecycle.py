@@ -8,9 +8,12 @@ import sys
 import pytest
 import torch
 
-from handler.engine import EngineConfig, LLMEngine, ModelConfig, SamplingParams
+from handler.engine.config import EngineConfig
+from handler.engine.llm_engine import LLMEngine
+from handler.engine.params import SamplingParams
 from handler.model import UnsupportedModelError
-from tests.engine_fixtures import EOS_ID, VOCAB, TinyModel, build_tiny, random_prompts
+from handler.model.config import ModelConfig
+from tests.support.engine_fixtures import EOS_ID, VOCAB, TinyModel, build_tiny, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +220,10 @@ def test_serving_path_never_imports_transformers() -> None:
         "import sys\n"
         "sys.modules['transformers'] = None  # any import of it now raises\n"
         "import torch\n"
-        "from handler.engine import EngineConfig, LLMEngine, ModelConfig, SamplingParams\n"
+        "from handler.engine.config import EngineConfig\n"
+        "from handler.engine.llm_engine import LLMEngine\n"
+        "from handler.engine.params import SamplingParams\n"
+        "from handler.model.config import ModelConfig\n"
         "cfg = {'architectures': ['LlamaForCausalLM'], 'vocab_size': 32, 'hidden_size': 8,\n"
         "       'intermediate_size': 16, 'num_hidden_layers': 1, 'num_attention_heads': 2,\n"
         "       'max_position_embeddings': 64, 'tie_word_embeddings': True}\n"

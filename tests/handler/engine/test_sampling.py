@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from handler.engine import SamplingParams
+from handler.engine.params import SamplingParams
 from handler.engine.sampler import Sampler
 from handler.engine.sequence import Sequence
-from tests.engine_fixtures import TinyModel, build_tiny, random_prompts, run_staggered
+from tests.support.engine_fixtures import TinyModel, build_tiny, random_prompts, run_staggered
 
 
 @pytest.fixture(scope="module")

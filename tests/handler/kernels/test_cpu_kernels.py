@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.attention.paged_reference import paged_decode_attention_reference
 from handler.kernels.build import KernelBuildError, build, compiler
 from handler.kernels.cpu import CpuKernels, check_range, load_cpu_kernels
 from handler.model.config import RopeConfig
 from handler.model.rope import RotaryEmbedding, apply_rotary
+from tests.handler.attention.paged_reference import paged_decode_attention_reference
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler.engine import LLMEngine, SamplingParams
+from handler.engine.llm_engine import LLMEngine
+from handler.engine.params import SamplingParams
 from handler.engine.sampler import Sampler
 from handler.engine.sequence import Sequence
 from handler.kernels.build import compiler
 from handler.kernels.cpu import load_cpu_kernels
 from handler.model.linear import packing_supported
 from tests.conftest import DEFAULT_SNAPSHOT
-from tests.engine_fixtures import build_tiny, random_prompts, run_staggered
+from tests.support.engine_fixtures import build_tiny, random_prompts, run_staggered
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
@@ -76,7 +77,8 @@ def test_kernels_are_as_close_to_float32_as_plain_torch(architecture: str) -> No
 
 @pytest.mark.skipif(not (DEFAULT_SNAPSHOT / "config.json").exists(), reason="no default snapshot")
 def test_kernels_on_the_default_snapshot_track_float32() -> None:
-    from handler.engine import EngineConfig, ModelConfig
+    from handler.engine.config import EngineConfig
+    from handler.model.config import ModelConfig
     from snapshot.loader import load_snapshot
 
     snap = load_snapshot(DEFAULT_SNAPSHOT, "cpu")
@@ -180,11 +182,12 @@ def test_sampler_on_bfloat16_logits_equals_float32(params: SamplingParams) -> No
 
 
 def test_worker_switch_for_the_kernels() -> None:
-    from handler.worker import WorkerSettings
+    from handler.env import SettingsError
+    from handler.worker_settings import WorkerSettings
 
     base = {"THAW_SOCKET": "/tmp/thaw.sock", "THAW_SNAPSHOT": "/tmp/snap"}
-    assert WorkerSettings.from_env(base).cpu_kernels is True
-    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "0"}).cpu_kernels is False
-    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "Yes"}).cpu_kernels is True
-    with pytest.raises(SystemExit, match="THAW_CPU_KERNELS must be true or false, got 'maybe'"):
+    assert WorkerSettings.from_env(base).engine.cpu_kernels is True
+    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "0"}).engine.cpu_kernels is False
+    assert WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "Yes"}).engine.cpu_kernels is True
+    with pytest.raises(SettingsError, match="THAW_CPU_KERNELS must be true or false, got 'maybe'"):
         WorkerSettings.from_env({**base, "THAW_CPU_KERNELS": "maybe"})

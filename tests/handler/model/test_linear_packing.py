@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handler.engine import SamplingParams
+from handler.engine.params import SamplingParams
 from handler.model.linear import make_linear, packing_supported
-from tests.engine_fixtures import build_tiny, random_prompts, run_staggered
+from tests.support.engine_fixtures import build_tiny, random_prompts, run_staggered
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(

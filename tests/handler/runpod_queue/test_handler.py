@@ -26,7 +26,7 @@ import pytest
 import requests
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def free_port() -> int:
@@ -193,7 +193,7 @@ def handler_env(gateway_port: int, **extra: str) -> dict[str, str]:
 
 
 def run_test_input(job: dict[str, Any], env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "handler.runpod_handler", "--test_input", json.dumps(job)]
+    cmd = [sys.executable, "-m", "handler.runpod_queue", "--test_input", json.dumps(job)]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -252,7 +252,7 @@ def test_bad_environment_is_refused() -> None:
 def sdk_api(fake_gateway: FakeGateway) -> Iterator[str]:
     fake_gateway.ready = False  # every test here starts while the model is "loading"
     port = free_port()
-    cmd = [sys.executable, "-m", "handler.runpod_handler", "--rp_serve_api"]
+    cmd = [sys.executable, "-m", "handler.runpod_queue", "--rp_serve_api"]
     cmd += ["--rp_api_port", str(port)]
     proc = subprocess.Popen(
         cmd, env=handler_env(fake_gateway.port), cwd=ROOT, stdout=subprocess.DEVNULL
@@ -356,7 +356,7 @@ def _wait_for(condition: Any, timeout_s: float = 30.0) -> None:
 
 def test_queue_worker_runs_jobs_concurrently_streams_and_cancels() -> None:
     """Production mode: the SDK takes jobs from (fake) RunPod, as a deployed worker does."""
-    from tests.fake_runpod_api import FakeRunPodJobs
+    from tests.support.fake_runpod_api import FakeRunPodJobs
 
     gateway = FakeGateway(ready=False, token_delay_s=0.05)
     gateway.start_in_thread()
@@ -365,7 +365,7 @@ def test_queue_worker_runs_jobs_concurrently_streams_and_cancels() -> None:
         runpod.add_job(f"job{index}", {"prompt": f"w{index} x y z", "stream": True})
     env = handler_env(gateway.port, THAW_RUNPOD_CONCURRENCY="16", **runpod.worker_env())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "handler.runpod_handler"],
+        [sys.executable, "-m", "handler.runpod_queue"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -413,9 +413,9 @@ def test_queue_worker_runs_jobs_concurrently_streams_and_cancels() -> None:
 
 
 def _handler(port: int, **env: str) -> tuple[Callable[..., AsyncIterator[Any]], Any]:
-    from handler.runpod_config import HandlerConfig
-    from handler.runpod_gateway import GatewayClient
-    from handler.runpod_handler import QueueHandler
+    from handler.runpod_queue.config import HandlerConfig
+    from handler.runpod_queue.gateway_client import GatewayClient
+    from handler.runpod_queue.handler import QueueHandler
 
     config = HandlerConfig.from_env({"THAW_GATEWAY_URL": f"http://127.0.0.1:{port}", **env})
     client = GatewayClient(config)
@@ -503,7 +503,7 @@ async def _collect(chunks: Any) -> list[Any]:
 def test_sse_parser_handles_comments_crlf_and_multiline_data() -> None:
     from unittest.mock import Mock
 
-    from handler.runpod_gateway import _sse_data
+    from handler.runpod_queue.gateway_client import _sse_data
 
     async def scenario() -> list[str]:
         reader = aiohttp.StreamReader(Mock(_reading_paused=False), 2**16)
@@ -532,14 +532,14 @@ def test_sse_parser_handles_comments_crlf_and_multiline_data() -> None:
     ],
 )
 def test_job_input_errors_name_the_field(job_input: Any, message: str) -> None:
-    from handler.runpod_jobs import JobInputError, parse_job_input
+    from handler.runpod_queue.jobs import JobInputError, parse_job_input
 
     with pytest.raises(JobInputError, match=message):
         parse_job_input(job_input)
 
 
 def test_text_job_becomes_a_streamed_openai_call() -> None:
-    from handler.runpod_jobs import parse_job_input
+    from handler.runpod_queue.jobs import parse_job_input
 
     call = parse_job_input(
         {"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"top_k": 5}}
@@ -561,7 +561,8 @@ def test_text_job_becomes_a_streamed_openai_call() -> None:
 
 
 def _serve_fake(argv: list[str]) -> None:
-    """`python tests/test_runpod_handler.py PORT [--ready-after S]`: a fake gateway process."""
+    """`python tests/handler/runpod_queue/test_handler.py PORT [--ready-after S]`: a fake
+    gateway process."""
     port = int(argv[0])
     ready_after = float(argv[argv.index("--ready-after") + 1]) if "--ready-after" in argv else 0
 

@@ -1,0 +1,5 @@
+import sys
+
+from handler.runpod_queue.handler import main
+
+sys.exit(main())
