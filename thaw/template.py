@@ -72,12 +72,23 @@ class DeployTemplate:
 
     @property
     def worker_env(self) -> dict[str, str]:
-        """The container environment: the user's env plus what the template's fields imply."""
+        """The container environment: the user's env plus what the template's fields imply.
+
+        The gateway refuses to serve on a reachable address without an API key. Load-balancer
+        workers are reached only through RunPod's proxy, which requires the RunPod API key, so
+        they get the explicit opt-out unless the user set a key of their own; queue workers'
+        gateways serve only the handler beside them, so they listen on loopback. Either can be
+        overridden in `env`.
+        """
         env = dict(self.env)
         env["THAW_SNAPSHOT"] = self.snapshot
         if self.endpoint_type == "load_balancer":
             env["PORT"] = str(self.port)
             env["PORT_HEALTH"] = str(self.port)
+            if "THAW_API_KEY" not in env:
+                env.setdefault("THAW_ALLOW_UNAUTHENTICATED", "true")
+        else:
+            env.setdefault("HOST", "127.0.0.1")
         return env
 
 

@@ -112,6 +112,53 @@ pub struct Config {
     /// Read the snapshot's weight files into the page cache while the worker imports torch.
     #[arg(long, env = "THAW_PREFETCH_WEIGHTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefetch_weights: bool,
+
+    // Slow clients, floods and crash loops.
+    /// Seconds a client may take to send a request's headers, and the longest an idle
+    /// connection stays open; then it is closed (0: no limit).
+    #[arg(long, env = "THAW_HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    pub header_read_timeout_s: f64,
+
+    /// Seconds a client may take to send a request's body; then 408 (0: no limit).
+    #[arg(long, env = "THAW_BODY_READ_TIMEOUT_S", default_value_t = 30.0)]
+    pub body_read_timeout_s: f64,
+
+    /// Most open connections per listening port; more wait to be accepted.
+    #[arg(long, env = "THAW_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Worker exits within THAW_CRASH_LOOP_WINDOW_S after which it is not restarted and
+    /// /ping answers 503 (0: restart forever).
+    #[arg(long, env = "THAW_CRASH_LOOP_CRASHES", default_value_t = 5)]
+    pub crash_loop_crashes: u32,
+
+    /// The crash-loop breaker's window in seconds.
+    #[arg(long, env = "THAW_CRASH_LOOP_WINDOW_S", default_value_t = 120.0)]
+    pub crash_loop_window_s: f64,
+
+    // Security: who may call, where webhooks may go, what the worker sees.
+    /// Serve without THAW_API_KEY on a non-loopback address. Only behind a proxy that
+    /// authenticates callers itself (RunPod's); without this or a key, such a start is refused.
+    #[arg(long, env = "THAW_ALLOW_UNAUTHENTICATED", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub allow_unauthenticated: bool,
+
+    /// Webhook targets allowed although not public: CIDRs, addresses or host names, comma-separated.
+    #[arg(long, env = "THAW_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<String>,
+
+    /// Webhooks only to THAW_WEBHOOK_ALLOW targets (names are never looked up otherwise).
+    #[arg(long, env = "THAW_WEBHOOK_ALLOWLIST_ONLY", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub webhook_allowlist_only: bool,
+
+    /// Most jobs held at once (running, queued or kept for retention); more get 429.
+    #[arg(long, env = "THAW_MAX_JOBS", default_value_t = 10_000)]
+    pub max_jobs: usize,
+
+    /// Extra environment variables the worker gets, comma-separated (`NAME` or `PREFIX_*`).
+    #[arg(long, env = "THAW_WORKER_ENV_PASS", value_delimiter = ',')]
+    pub worker_env_pass: Vec<String>,
 }
 
 impl Config {
@@ -134,11 +181,24 @@ impl Config {
     pub fn runsync_retention(&self) -> Duration {
         secs(self.runsync_retention_s)
     }
+
+    pub fn header_read_timeout(&self) -> Option<Duration> {
+        positive_secs(self.header_read_timeout_s)
+    }
+
+    pub fn body_read_timeout(&self) -> Option<Duration> {
+        positive_secs(self.body_read_timeout_s)
+    }
 }
 
 /// Seconds from a flag as a Duration; negative or NaN values count as zero.
 pub fn secs(value: f64) -> Duration {
     Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// A timeout from a flag where 0 (or less) means none.
+fn positive_secs(value: f64) -> Option<Duration> {
+    Some(secs(value)).filter(|duration| !duration.is_zero())
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ pub enum ApiError {
     #[error("the request body is larger than the limit (THAW_MAX_BODY_BYTES)")]
     BodyTooLarge,
     #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body did not arrive within THAW_BODY_READ_TIMEOUT_S")]
+    BodyTimeout,
+    #[error("{0}")]
     Validation(String),
     #[error("{0}")]
     Overloaded(String),
@@ -40,6 +44,8 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -53,6 +59,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::BodyTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::BodyTimeout => "request_timeout",
             Self::Validation(_) => "validation",
             Self::Overloaded(_) => "overloaded",
             Self::Unavailable(_) => "unavailable",
@@ -68,10 +76,19 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, Self::Overloaded(_)) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        match self {
+            Self::Overloaded(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            }
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            Self::BodyTimeout => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -82,10 +99,13 @@ impl From<EngineError> for ApiError {
         let message = error.to_string();
         match error {
             EngineError::QueueFull(_) => Self::Overloaded(message),
-            EngineError::NotReady(_)
-            | EngineError::StartupFailed(_)
-            | EngineError::ShuttingDown => Self::Unavailable(message),
-            EngineError::WorkerLost | EngineError::Worker(_) => Self::Generation(message),
+            EngineError::NotReady(_) | EngineError::Unavailable(_) | EngineError::ShuttingDown => {
+                Self::Unavailable(message)
+            }
+            EngineError::PromptTooLong { .. } => Self::Validation(message),
+            EngineError::WorkerLost | EngineError::Crashed(_) | EngineError::Worker(_) => {
+                Self::Generation(message)
+            }
         }
     }
 }
@@ -123,9 +143,22 @@ mod tests {
         let code = |e: EngineError| ApiError::from(e).status().as_u16();
         assert_eq!(code(EngineError::QueueFull(3)), 429);
         assert_eq!(code(EngineError::NotReady(Duration::from_secs(1))), 503);
-        assert_eq!(code(EngineError::StartupFailed("x".into())), 503);
+        assert_eq!(code(EngineError::Unavailable("x".into())), 503);
         assert_eq!(code(EngineError::ShuttingDown), 503);
         assert_eq!(code(EngineError::WorkerLost), 500);
+        assert_eq!(code(EngineError::Crashed(2)), 500);
+        let too_long = EngineError::PromptTooLong {
+            tokens: 9,
+            limit: 8,
+        };
+        assert_eq!(code(too_long), 422);
+    }
+
+    #[test]
+    fn a_body_timeout_closes_the_connection() {
+        let response = ApiError::BodyTimeout.into_response();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
     #[test]

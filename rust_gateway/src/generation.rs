@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::{
-    Engine, EngineError, EngineEvent, FinishReason, SampledToken, TokenRequest, TokenStream,
+    Engine, EngineError, EngineEvent, FinishReason, QueueSlot, SampledToken, TokenRequest,
+    TokenStream,
 };
 use crate::metrics::Metrics;
 use crate::served_model::SharedModel;
@@ -66,11 +67,48 @@ impl Generator {
         model: SharedModel,
         request: ValidRequest,
     ) -> Result<TextStream, EngineError> {
+        let slot = self.engine.reserve()?;
+        self.generate_in(slot, model, request)
+    }
+
+    /// Starts `request` in the queue place `slot` reserved before it was validated.
+    pub fn generate_in(
+        &self,
+        slot: QueueSlot,
+        model: SharedModel,
+        request: ValidRequest,
+    ) -> Result<TextStream, EngineError> {
+        self.start(slot, model, request, 0)
+    }
+
+    /// Runs `request` again after its worker was lost; `previous_attempts` (the failed
+    /// stream's [`TextStream::attempts`]) count against the request's limit.
+    pub fn retry(
+        &self,
+        model: SharedModel,
+        request: ValidRequest,
+        previous_attempts: u32,
+    ) -> Result<TextStream, EngineError> {
+        let slot = self.engine.reserve()?;
+        self.start(slot, model, request, previous_attempts)
+    }
+
+    fn start(
+        &self,
+        slot: QueueSlot,
+        model: SharedModel,
+        request: ValidRequest,
+        previous_attempts: u32,
+    ) -> Result<TextStream, EngineError> {
         let input_tokens = request.prompt_ids.len();
-        let tokens = self.engine.submit(TokenRequest {
-            prompt: request.prompt_ids,
-            params: request.params,
-        })?;
+        let tokens = self.engine.submit_in(
+            slot,
+            TokenRequest {
+                prompt: request.prompt_ids,
+                params: request.params,
+                previous_attempts,
+            },
+        )?;
         self.metrics.input_tokens.observe(input_tokens as f64);
         Ok(TextStream {
             tokens,
@@ -99,6 +137,11 @@ pub struct TextStream {
 }
 
 impl TextStream {
+    /// Workers this request ran in, earlier attempts included.
+    pub fn attempts(&self) -> u32 {
+        self.tokens.attempts()
+    }
+
     pub async fn next(&mut self) -> Option<Result<TextEvent, EngineError>> {
         if self.done {
             return None;

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("api", 5),
     ("startup", 5),
     ("lifecycle", 5),
+    ("server", 5),
 ];
 
 /// Files that are not part of a module: the crate root and this checker.

@@ -50,30 +50,33 @@ pub async fn wait_for_stop(app: &AppState, signals: &mut StopSignals) -> &'stati
     }
 }
 
-/// Probes turn 503 and new requests are refused; admitted requests get the grace period;
-/// then the worker is told to shut down (and killed if it does not).
+/// Probes turn 503 and new requests are refused; admitted requests, and the webhooks of jobs
+/// that end, get the grace period; then the worker is told to shut down (and killed if it does
+/// not).
 pub async fn drain(
     app: &AppState,
     stop_worker: watch::Sender<bool>,
     supervisor: Option<JoinHandle<()>>,
 ) {
-    // Without a ready worker nothing queued can finish, so there is nothing to wait for.
+    // Without a ready worker nothing queued can finish, so there is nothing to wait for but
+    // webhooks already on their way.
     let worker_ready = app.readiness.phase() == Phase::Ready;
     app.readiness.set_shutting_down();
-    let grace = if worker_ready {
-        app.config.shutdown_grace()
-    } else {
-        Duration::ZERO
+    let deadline = tokio::time::Instant::now() + app.config.shutdown_grace();
+    let busy = || {
+        let working = app.generator.engine().active() > 0 || app.webhooks.owed() > 0;
+        (worker_ready && working) || app.webhooks.delivering() > 0
     };
-    let deadline = tokio::time::Instant::now() + grace;
-    while app.generator.engine().active() > 0 && tokio::time::Instant::now() < deadline {
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let unfinished = app.generator.engine().active();
-    if unfinished > 0 {
+    let webhooks = app.webhooks.owed();
+    if busy() {
         tracing::warn!(
             unfinished,
-            "grace period over; stopping with requests unfinished"
+            webhooks,
+            "grace period over; stopping with requests or webhooks unfinished"
         );
     }
     stop_worker.send_replace(true);

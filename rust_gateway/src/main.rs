@@ -15,6 +15,7 @@ mod openai;
 mod protocol;
 mod readiness;
 mod served_model;
+mod server;
 mod startup;
 mod state;
 mod text;
@@ -51,7 +52,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    // Refused before anything binds: a gateway that would serve everyone must not start.
+    let Some((auth, webhooks)) = security(&config) else {
+        return ExitCode::from(2);
+    };
     logging::init(config.log_format);
+    log_auth_mode(auth, config.host);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(config, argv, started));
+    let code = runtime.block_on(serve(config, argv, started, webhooks));
     // Blocking start-up tasks (a page-cache read of large weights) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -77,7 +83,47 @@ async fn bind(host: std::net::IpAddr, port: u16) -> Result<TcpListener, ExitCode
         })
 }
 
-async fn serve(config: Config, argv: Vec<String>, started: Instant) -> ExitCode {
+/// The auth mode and the webhook policy, or `None` after saying on stderr why the settings
+/// are refused.
+fn security(config: &Config) -> Option<(api::AuthMode, jobs::Webhooks)> {
+    // clap reads `THAW_API_KEY=` as no key at all; an empty key is a mistake, not a choice.
+    let empty_env_key = std::env::var_os("THAW_API_KEY").is_some_and(|key| key.is_empty());
+    let key = config.api_key.as_deref().or(empty_env_key.then_some(""));
+    let auth = match api::auth_mode(key, config.host, config.allow_unauthenticated) {
+        Ok(auth) => auth,
+        Err(err) => {
+            eprintln!("thaw-gateway: {err}");
+            return None;
+        }
+    };
+    let policy =
+        match jobs::WebhookPolicy::new(&config.webhook_allow, config.webhook_allowlist_only) {
+            Ok(policy) => policy,
+            Err(err) => {
+                eprintln!("thaw-gateway: {err}");
+                return None;
+            }
+        };
+    Some((auth, jobs::Webhooks::new(policy)))
+}
+
+fn log_auth_mode(auth: api::AuthMode, host: std::net::IpAddr) {
+    match auth {
+        api::AuthMode::BearerKey => tracing::info!("auth: bearer key"),
+        api::AuthMode::LoopbackOnly => tracing::info!(%host, "auth: none (loopback only)"),
+        api::AuthMode::Unauthenticated => tracing::warn!(
+            "auth: none, unauthenticated opt-out on {host} (THAW_ALLOW_UNAUTHENTICATED): \
+             every caller that reaches this port is served"
+        ),
+    }
+}
+
+async fn serve(
+    config: Config,
+    argv: Vec<String>,
+    started: Instant,
+    webhooks: jobs::Webhooks,
+) -> ExitCode {
     let mut signals = match lifecycle::StopSignals::install() {
         Ok(signals) => signals,
         Err(err) => {
@@ -112,18 +158,34 @@ async fn serve(config: Config, argv: Vec<String>, started: Instant) -> ExitCode 
     };
     let (engine, worker_events) = Engine::start(engine_config, readiness.clone(), metrics.clone());
     let (model_slot, model_watch) = watch::channel(ModelSlot::Loading);
+    // The job runner delivers through the installed webhooks (it has no state of its own).
+    jobs::install_webhooks(webhooks.clone());
     let app = AppState {
         config: config.clone(),
         readiness: readiness.clone(),
         metrics: metrics.clone(),
         generator: Generator::new(engine, metrics.clone()),
         model: model_watch,
-        jobs: JobStore::default(),
+        jobs: JobStore::with_capacity(config.max_jobs),
+        webhooks: webhooks.clone(),
         activity: Arc::new(Activity::new(started)),
+        tokenizing: state::tokenizer_permits(),
     };
-    tokio::spawn(serve_http(api_listener, api::router(app.clone())));
+    let limits = server::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout(),
+    };
+    tokio::spawn(server::serve(
+        api_listener,
+        api::router(app.clone()),
+        limits,
+    ));
     if let Some(listener) = probe_listener {
-        tokio::spawn(serve_http(listener, api::probe_router(app.clone())));
+        tokio::spawn(server::serve(
+            listener,
+            api::probe_router(app.clone()),
+            limits,
+        ));
     }
     readiness.record("port_bound");
     tracing::info!(port = config.port, "listening");
@@ -165,12 +227,6 @@ async fn serve(config: Config, argv: Vec<String>, started: Instant) -> ExitCode 
     }
     tracing::info!("bye");
     ExitCode::SUCCESS
-}
-
-async fn serve_http(listener: TcpListener, router: axum::Router) {
-    if let Err(err) = axum::serve(listener, router).await {
-        tracing::error!(%err, "HTTP server stopped");
-    }
 }
 
 async fn purge_jobs(jobs: JobStore) {

@@ -42,6 +42,20 @@ impl Limits {
             default_max_new_tokens,
         }
     }
+
+    /// These limits within the worker's context (`max_context` of its `ready`): the worker
+    /// refuses a prompt of `max_context` tokens or more and stops a sequence at `max_context`.
+    pub fn clamped(&self, worker_max_context: Option<usize>) -> Self {
+        let Some(context) = worker_max_context else {
+            return self.clone();
+        };
+        let max_total_tokens = self.max_total_tokens.min(context).max(2);
+        Self {
+            max_input_tokens: self.max_input_tokens.min(max_total_tokens - 1),
+            max_total_tokens,
+            default_max_new_tokens: self.default_max_new_tokens,
+        }
+    }
 }
 
 pub struct ServedModel {
@@ -148,5 +162,26 @@ mod tests {
         );
         let config = Config::try_parse_from(["thaw-gateway", "--max-input-tokens", "100"]).unwrap();
         assert_eq!(Limits::new(&config, None, None).max_input_tokens, 100);
+    }
+
+    #[test]
+    fn limits_are_clamped_to_the_workers_context() {
+        let limits = Limits {
+            max_input_tokens: 2047,
+            max_total_tokens: 2048,
+            default_max_new_tokens: 64,
+        };
+        assert_eq!(limits.clamped(None), limits);
+        assert_eq!(limits.clamped(Some(4096)), limits);
+        let clamped = limits.clamped(Some(512));
+        assert_eq!(
+            (clamped.max_input_tokens, clamped.max_total_tokens),
+            (511, 512)
+        );
+        let configured = Limits {
+            max_input_tokens: 100,
+            ..limits
+        };
+        assert_eq!(configured.clamped(Some(512)).max_input_tokens, 100);
     }
 }

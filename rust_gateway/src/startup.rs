@@ -67,10 +67,13 @@ pub fn start_worker(
     let supervisor = Supervisor {
         spec: WorkerSpec {
             argv,
+            env_pass: config.worker_env_pass.clone(),
             snapshot: config.snapshot.clone(),
             max_start_failures: config.max_start_failures.max(1),
             backoff: std::time::Duration::from_millis(config.restart_backoff_ms),
             start_timeout: crate::config::secs(config.worker_start_timeout_s),
+            max_crashes: config.crash_loop_crashes,
+            crash_window: crate::config::secs(config.crash_loop_window_s),
         },
         readiness,
         metrics,

@@ -4,15 +4,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
+use crate::engine::QueueSlot;
 use crate::error::ApiError;
 use crate::generation::Generator;
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, Webhooks};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-use crate::served_model::SharedModel;
+use crate::served_model::{Limits, SharedModel};
 use crate::validation::{validate, PromptInput, SamplingSpec, ValidRequest};
 
 /// The served model's tokenizer, chat template and limits, once loaded.
@@ -31,7 +32,24 @@ pub struct AppState {
     pub generator: Generator,
     pub model: watch::Receiver<ModelSlot>,
     pub jobs: JobStore,
+    /// Where job webhooks may go, and the deliveries the shutdown waits for.
+    pub webhooks: Webhooks,
     pub activity: Arc<Activity>,
+    /// Tokenization and template rendering run on blocking threads, this many at once.
+    pub tokenizing: Arc<Semaphore>,
+}
+
+/// Permits for [`AppState::tokenizing`]: one per core.
+pub fn tokenizer_permits() -> Arc<Semaphore> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Arc::new(Semaphore::new(cores))
+}
+
+/// A validated request that holds its place in the queue.
+pub struct Admitted {
+    pub model: SharedModel,
+    pub request: ValidRequest,
+    pub slot: QueueSlot,
 }
 
 impl AppState {
@@ -55,18 +73,53 @@ impl AppState {
         }
     }
 
-    /// Validates the request (off the async threads: long prompts take a while to tokenize).
-    pub async fn prepare(
+    /// Takes a place in the queue (429 when full), then validates the request: a full queue
+    /// refuses a request before its prompt is tokenized.
+    pub async fn admit(
         &self,
         prompt: PromptInput,
         spec: SamplingSpec,
-    ) -> Result<(SharedModel, ValidRequest), ApiError> {
+    ) -> Result<Admitted, ApiError> {
+        let slot = self.generator.engine().reserve()?;
         let model = self.model().await?;
         let validating = model.clone();
-        let request = tokio::task::spawn_blocking(move || validate(&validating, prompt, spec))
+        let limits = self.limits(&model);
+        let request = self
+            .off_thread(move || validate(&validating, &limits, prompt, spec))
+            .await??;
+        Ok(Admitted {
+            model,
+            request,
+            slot,
+        })
+    }
+
+    /// The model's limits, clamped to the context the worker reported it can hold.
+    pub fn limits(&self, model: &SharedModel) -> Limits {
+        model
+            .limits
+            .clamped(self.generator.engine().worker_max_context())
+    }
+
+    /// Runs tokenizer work (long prompts, chat templates) on a blocking thread, at most
+    /// [`AppState::tokenizing`] at once.
+    pub async fn off_thread<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self
+            .tokenizing
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|err| ApiError::Generation(format!("tokenizer task failed: {err}")))??;
-        Ok((model, request))
+            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+        // The permit moves into the task: a client that goes away does not free it early.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|err| ApiError::Generation(format!("tokenizer task failed: {err}")))
     }
 }
 

@@ -75,6 +75,8 @@ def test_dry_run_matches_template_yaml_field_by_field(capsys: pytest.CaptureFixt
         "THAW_SNAPSHOT": raw["snapshot"],
         "PORT": str(raw["port"]),
         "PORT_HEALTH": str(raw["port"]),
+        # RunPod's proxy authenticates: the gateway's explicit opt-out from its own key.
+        "THAW_ALLOW_UNAUTHENTICATED": "true",
     }
     # Load balancer: the image's default command (the gateway) serving HTTP on the port.
     assert raw["endpoint_type"] == "load_balancer"
@@ -113,9 +115,28 @@ def test_queue_endpoint_runs_the_runpod_handler(
     env = env_dict(saved_template["env"])
     assert env["THAW_SNAPSHOT"] == "s3://models/thaw/smollm2"
     assert "PORT" not in env
+    # Only the handler beside it calls the gateway: loopback, no key and no opt-out needed.
+    assert env["HOST"] == "127.0.0.1"
+    assert "THAW_ALLOW_UNAUTHENTICATED" not in env
     endpoint = calls[2]["body"]["variables"]["input"]
     assert endpoint["type"] == "QB"
     assert endpoint["flashBootType"] == "OFF"
+
+
+def test_auth_defaults_yield_to_the_users_env(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def env_of(**changes: Any) -> dict[str, str]:
+        calls = dry_run(capsys, write_template(tmp_path, **changes))
+        return env_dict(calls[1]["body"]["variables"]["input"]["env"])
+
+    keyed = env_of(env={"THAW_API_KEY": "{{ RUNPOD_SECRET_thaw_key }}"})
+    assert keyed["THAW_API_KEY"] == "{{ RUNPOD_SECRET_thaw_key }}"
+    assert "THAW_ALLOW_UNAUTHENTICATED" not in keyed
+    refused = env_of(env={"THAW_ALLOW_UNAUTHENTICATED": "false"})
+    assert refused["THAW_ALLOW_UNAUTHENTICATED"] == "false"
+    queue = env_of(endpoint_type="queue", env={"HOST": "0.0.0.0", "THAW_API_KEY": "k"})
+    assert queue["HOST"] == "0.0.0.0"
 
 
 def test_deploy_creates_then_updates_in_place(

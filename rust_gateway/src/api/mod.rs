@@ -16,13 +16,10 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 use extract::JsonBody;
+pub use middleware::{auth_mode, AuthMode};
 
-/// A client of a non-streamed route has seen nothing yet when the worker dies, so its request
-/// simply runs again (this many times at most).
-const RETRIES_AFTER_WORKER_LOST: usize = 2;
-
-/// Every route on PORT. /health, /ping and /openapi.json are open; the rest need the API key
-/// when one is set.
+/// Every route on PORT. /health, /ping, /ready (its bare status) and /openapi.json are open;
+/// the rest need the API key when one is set.
 pub fn router(app: AppState) -> Router {
     let protected = Router::new()
         .route("/metrics", get(probes::metrics))
@@ -38,8 +35,12 @@ pub fn router(app: AppState) -> Router {
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::list_models));
-    with_probes(&app, protected)
+        .route("/v1/models", get(openai::list_models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::require_api_key,
+        ));
+    with_probes(protected)
         .route("/openapi.json", get(openapi::document))
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
@@ -49,21 +50,20 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-/// `/health` and `/ping` open; `/ready` and `protected` behind the API key; 404 for the rest.
-fn with_probes(app: &AppState, protected: Router<AppState>) -> Router<AppState> {
-    let protected = protected.route("/ready", get(probes::ready)).route_layer(
-        axum::middleware::from_fn_with_state(app.clone(), middleware::require_api_key),
-    );
+/// `/health`, `/ping` and `/ready` open (`/ready` gives its details only with the key), then
+/// `routes`; 404 for the rest.
+fn with_probes(routes: Router<AppState>) -> Router<AppState> {
     Router::new()
         .route("/health", get(probes::health))
         .route("/ping", get(probes::ping))
-        .merge(protected)
+        .route("/ready", get(probes::ready))
+        .merge(routes)
         .fallback(not_found)
 }
 
 /// Only the probes, for PORT_HEALTH.
 pub fn probe_router(app: AppState) -> Router {
-    with_probes(&app, Router::new()).with_state(app)
+    with_probes(Router::new()).with_state(app)
 }
 
 async fn not_found() -> ApiError {

@@ -1,10 +1,11 @@
 //! Liveness, readiness and metrics: /health, /ping, /ready, /metrics.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::middleware::authorized;
 use crate::readiness::Phase;
 use crate::state::AppState;
 
@@ -22,15 +23,22 @@ pub async fn ping(State(app): State<AppState>) -> Response {
     }
 }
 
-/// The phase, each phase's time since exec, and why start-up failed. 200 only when ready.
-pub async fn ready(State(app): State<AppState>) -> Response {
+/// 200 only when ready. Anyone gets `{"ready", "phase"}` (probes carry no key); with the API
+/// key, or when none is set, also each phase's time since exec and why start-up failed (the
+/// worker's log lines may say more than a stranger should read).
+pub async fn ready(State(app): State<AppState>, headers: HeaderMap) -> Response {
     let report = app.readiness.report();
     let status = if report.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report)).into_response()
+    if authorized(&app, &headers) {
+        (status, Json(report)).into_response()
+    } else {
+        let bare = serde_json::json!({"ready": report.ready, "phase": report.phase});
+        (status, Json(bare)).into_response()
+    }
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Response {

@@ -8,12 +8,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 
-use super::{JsonBody, RETRIES_AFTER_WORKER_LOST};
+use super::JsonBody;
 use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::generation::{Completion, GeneratedToken, TextEvent, TextStream};
 use crate::served_model::SharedModel;
-use crate::state::AppState;
+use crate::state::{Admitted, AppState};
 use crate::tgi::{
     Details, GenerateBody, GenerateResponse, OutputOptions, PrefillToken, StreamDetails,
     StreamResponse, TokenInfo, TokenizedToken,
@@ -31,10 +31,16 @@ struct Started {
 
 async fn start(app: &AppState, body: GenerateBody) -> Result<Started, ApiError> {
     let (spec, options) = body.parameters.unwrap_or_default().to_spec()?;
-    let (model, request) = app
-        .prepare(PromptInput::Text(body.inputs.clone()), spec)
+    let Admitted {
+        model,
+        request,
+        slot,
+    } = app
+        .admit(PromptInput::Text(body.inputs.clone()), spec)
         .await?;
-    let stream = app.generator.generate(model.clone(), request.clone())?;
+    let stream = app
+        .generator
+        .generate_in(slot, model.clone(), request.clone())?;
     Ok(Started {
         model,
         stream,
@@ -91,7 +97,8 @@ pub async fn generate(
         request,
         options,
     } = start(&app, body).await?;
-    let mut retries = 0;
+    // The client has seen nothing yet, so a request whose worker died simply runs again; the
+    // engine's attempt limit ends this (`Crashed`).
     let Collected {
         text,
         tokens,
@@ -99,9 +106,10 @@ pub async fn generate(
         completion,
     } = loop {
         match collect(&model, &mut stream, options.top_n_tokens).await {
-            Err(EngineError::WorkerLost) if retries < RETRIES_AFTER_WORKER_LOST => {
-                retries += 1;
-                stream = app.generator.generate(model.clone(), request.clone())?;
+            Err(EngineError::WorkerLost) => {
+                stream = app
+                    .generator
+                    .retry(model.clone(), request.clone(), stream.attempts())?;
             }
             other => break other?,
         }
@@ -240,7 +248,7 @@ impl SseState {
 
 pub async fn info(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let model = app.model().await?;
-    let limits = &model.limits;
+    let limits = &app.limits(&model);
     Ok(Json(serde_json::json!({
         "model_id": model.model_id,
         "model_sha": null,
@@ -267,13 +275,14 @@ pub async fn tokenize(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Json<Vec<TokenizedToken>>, ApiError> {
+    // Tokenizing costs what a generation's prompt costs: it takes a queue place like one.
+    let _slot = app.generator.engine().reserve()?;
     let model = app.model().await?;
     let inputs = body.inputs;
-    let tokenizer_model = model.clone();
     let text = inputs.clone();
-    let spans = tokio::task::spawn_blocking(move || tokenizer_model.tokenizer.encode_spans(&text))
-        .await
-        .map_err(|err| ApiError::Generation(format!("tokenizer task failed: {err}")))?
+    let spans = app
+        .off_thread(move || model.tokenizer.encode_spans(&text))
+        .await?
         .map_err(|err| ApiError::Validation(format!("cannot tokenize: {err}")))?;
     Ok(Json(
         spans

@@ -25,6 +25,14 @@ use strftime::strftime_now;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The work one render may do (minijinja's fuel: about one unit per instruction and per 64
+/// bytes of data), so that a template that loops without end fails the request instead of
+/// holding a tokenizer thread. A conversation as large as a request body may be renders with
+/// room to spare (`the_fuel_budget_fits_the_largest_conversations`).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Longest rendered prompt in bytes; a longer one is refused before it is tokenized.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+
 /// Why a template could not be loaded or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
@@ -32,6 +40,10 @@ pub enum ChatTemplateError {
     Syntax(#[source] minijinja::Error),
     #[error("chat template rejected the conversation: {0}")]
     Render(#[source] minijinja::Error),
+    #[error("rendering the chat template took more than its work budget ({TEMPLATE_FUEL} fuel)")]
+    OutOfFuel,
+    #[error("the rendered chat template is longer than {MAX_RENDERED_BYTES} bytes")]
+    TooLong,
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -92,6 +104,7 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         // Jinja2's default: undefined values print as "" and iterate as empty.
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -160,9 +173,44 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatTemplateError::Render)?;
-        template
-            .render(Value::from(ctx))
-            .map_err(ChatTemplateError::Render)
+        let mut output = CappedWriter::default();
+        let rendered = template.render_captured_to(Value::from(ctx), &mut output);
+        if output.overflowed {
+            return Err(ChatTemplateError::TooLong);
+        }
+        match rendered {
+            Ok(_) => String::from_utf8(output.bytes).map_err(|err| {
+                let message = format!("the chat template wrote invalid UTF-8: {err}");
+                ChatTemplateError::Render(minijinja::Error::new(
+                    ErrorKind::BadSerialization,
+                    message,
+                ))
+            }),
+            Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(ChatTemplateError::OutOfFuel),
+            Err(err) => Err(ChatTemplateError::Render(err)),
+        }
+    }
+}
+
+/// Collects the rendered text and fails the render past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct CappedWriter {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered template is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -298,6 +346,23 @@ mod tests {
         let source = "{% for m in messages %}\n  {% if m.content.startswith('x') %}{{ m.content.strip().upper() }}{% endif %}\n{% endfor %}{{ bos_token }}";
         let out = render(source, &[msg("user", "x  a "), msg("user", "b")]).unwrap();
         assert_eq!(out, "X  A<s>");
+    }
+
+    #[test]
+    fn a_template_that_loops_runs_out_of_fuel() {
+        let source =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let err = render(source, &[msg("user", "hi")]).unwrap_err();
+        assert!(matches!(err, ChatTemplateError::OutOfFuel), "{err}");
+    }
+
+    #[test]
+    fn a_rendering_past_the_cap_is_refused() {
+        // Each message is written 64 times: cheap in fuel, long in output.
+        let source = "{% for m in messages %}{% for i in range(64) %}{{ m.content }}{% endfor %}{% endfor %}";
+        let big = "x".repeat(MAX_RENDERED_BYTES / 64 + 1);
+        let err = render(source, &[msg("user", &big)]).unwrap_err();
+        assert!(matches!(err, ChatTemplateError::TooLong), "{err}");
     }
 
     #[test]
@@ -486,6 +551,29 @@ mod transformers_fixtures {
             }
         }
         out
+    }
+
+    /// As many messages as a default-sized body (THAW_MAX_BODY_BYTES) can carry, and one
+    /// message as long as such a body, render within the fuel budget with each fixture template.
+    #[test]
+    fn the_fuel_budget_fits_the_largest_conversations() {
+        let body = 2 * 1024 * 1024;
+        let message = |role: &str, content: &str| ChatMessage {
+            role: role.to_owned(),
+            content: content.to_owned(),
+        };
+        // `{"role":"user","content":"x"},` is 30 bytes; an odd count ends with the user.
+        let count = (body / 30) | 1;
+        let roles = ["user", "assistant"];
+        let many: Vec<ChatMessage> = (0..count).map(|i| message(roles[i % 2], "x")).collect();
+        let long = vec![message("user", &"x ".repeat(body / 2))];
+        for name in ["llama3", "mistral", "qwen2", "smollm2"] {
+            let template = load_template(name);
+            for messages in [&many, &long] {
+                let rendered = template.render(messages, true);
+                assert!(rendered.is_ok(), "{name}: {:?}", rendered.err());
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{
     EngineConfig, EngineError, EngineEvent, FinishReason, SampledToken, Shared, TokenRequest,
-    WorkerEvent,
+    WorkerEvent, MAX_ATTEMPTS,
 };
 use crate::metrics::Metrics;
 use crate::protocol::{GatewayMessage, OutputItem, ReadyInfo, WorkerMessage};
@@ -25,6 +25,8 @@ pub struct Pending {
     request: TokenRequest,
     events: mpsc::UnboundedSender<EngineEvent>,
     admitted: Instant,
+    /// Workers this request was handed to, earlier submits included.
+    attempts: u32,
 }
 
 impl Pending {
@@ -35,6 +37,7 @@ impl Pending {
     ) -> Self {
         Self {
             ticket,
+            attempts: request.previous_attempts,
             request,
             events,
             admitted: Instant::now(),
@@ -111,7 +114,7 @@ impl Actor {
         match command {
             Command::Submit(pending) => match &self.gave_up {
                 Some(reason) => {
-                    pending.send(EngineEvent::Failed(EngineError::StartupFailed(
+                    pending.send(EngineEvent::Failed(EngineError::Unavailable(
                         reason.clone(),
                     )));
                     self.unqueued(1);
@@ -140,6 +143,9 @@ impl Actor {
         match event {
             WorkerEvent::Ready { frames, info } => {
                 tracing::info!(model = %info.model, max_running = info.max_running, "worker ready");
+                self.shared
+                    .max_context
+                    .store(info.max_context as usize, Ordering::Release);
                 self.worker = Some(Worker { frames, info });
             }
             WorkerEvent::Message(WorkerMessage::Outputs { items, .. }) => {
@@ -160,7 +166,7 @@ impl Actor {
             WorkerEvent::Message(other) => tracing::debug!(?other, "ignored worker message"),
             WorkerEvent::Lost => self.on_worker_lost(),
             WorkerEvent::GaveUp(reason) => {
-                let error = EngineError::StartupFailed(reason.clone());
+                let error = EngineError::Unavailable(reason.clone());
                 let failed = self.queue.len();
                 for pending in self.queue.drain(..) {
                     pending.send(EngineEvent::Failed(error.clone()));
@@ -202,7 +208,9 @@ impl Actor {
     }
 
     /// Requests that produced nothing go back to the front of the queue, in their old order;
-    /// the others cannot be resumed and end with an error.
+    /// the others cannot be resumed and end with an error. Either way the crash cost each of
+    /// them an attempt: one that has none left fails, so a request that kills the worker
+    /// cannot kill it again and again.
     fn on_worker_lost(&mut self) {
         self.worker = None;
         self.wire_of.clear();
@@ -211,7 +219,17 @@ impl Actor {
             if running.cancelled {
                 continue;
             }
-            if running.produced {
+            let attempts = running.pending.attempts;
+            if attempts >= MAX_ATTEMPTS {
+                tracing::warn!(
+                    ticket = running.pending.ticket,
+                    attempts,
+                    "the worker crashed during each attempt of this request; failing it"
+                );
+                running
+                    .pending
+                    .send(EngineEvent::Failed(EngineError::Crashed(attempts)));
+            } else if running.produced {
                 running
                     .pending
                     .send(EngineEvent::Failed(EngineError::WorkerLost));
@@ -236,12 +254,29 @@ impl Actor {
         let limit = self
             .max_concurrent
             .min(worker.info.max_running.max(1) as usize);
+        // 0 would mean the worker did not say; nothing is refused then.
+        let max_context = match worker.info.max_context {
+            0 => usize::MAX,
+            n => n as usize,
+        };
         while self.running.len() < limit {
-            let Some(pending) = self.queue.pop_front() else {
+            let Some(mut pending) = self.queue.pop_front() else {
                 break;
             };
             if pending.events.is_closed() {
                 self.unqueued(1);
+                continue;
+            }
+            // Queued before the worker said how long a context it holds: refused here rather
+            // than by the worker.
+            let tokens = pending.request.prompt.len();
+            if tokens >= max_context {
+                self.unqueued(1);
+                let limit = max_context;
+                pending.send(EngineEvent::Failed(EngineError::PromptTooLong {
+                    tokens,
+                    limit,
+                }));
                 continue;
             }
             let id = self.next_wire_id;
@@ -257,6 +292,7 @@ impl Actor {
             }
             self.next_wire_id += 1;
             self.unqueued(1);
+            pending.attempts += 1;
             pending.send(EngineEvent::Started);
             self.wire_of.insert(pending.ticket, id);
             self.running.insert(

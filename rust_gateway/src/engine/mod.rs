@@ -7,7 +7,12 @@
 //!   handed to the worker, one `Token` per generated token (the last one carries its finish
 //!   reason), `Finished` for a finish without a token (cancel), or `Failed`.
 //! * Admission is synchronous: a full queue, a failed start-up or a shutdown is refused at once
-//!   with an [`EngineError`], so routes can answer with a real status code.
+//!   with an [`EngineError`], so routes can answer with a real status code. [`Engine::reserve`]
+//!   takes the queue place first (before the prompt is tokenized); [`Engine::submit_in`] fills it.
+//! * Attempts: a request runs in at most [`MAX_ATTEMPTS`] workers. A worker that dies while it
+//!   runs a request costs that request one attempt (the count follows it across re-queues and
+//!   the routes' retries); past the last one the request fails with [`EngineError::Crashed`],
+//!   so a request that kills the worker cannot keep killing it.
 //! * Dropping a [`TokenStream`] before it finished cancels the request in the worker (its KV
 //!   blocks are freed): a client that disconnects needs no extra code in the routes.
 //! * Text (detokenization, stop strings) is layered on top by `crate::generation`.
@@ -40,11 +45,16 @@ pub use crate::protocol::Params;
 use crate::protocol::{GatewayMessage, ReadyInfo, WireFinish, WorkerMessage};
 use crate::readiness::{Phase, Readiness};
 
+/// Workers a request may run in: one crash is retried, a second fails the request.
+pub const MAX_ATTEMPTS: u32 = 2;
+
 /// A request at the token level.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
     pub prompt: Vec<u32>,
     pub params: Params,
+    /// Attempts already spent on this request by earlier submits (a route's or a job's retry).
+    pub previous_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,12 +98,17 @@ pub enum EngineError {
     QueueFull(usize),
     #[error("the worker was not ready within {0:?}")]
     NotReady(Duration),
-    #[error("start-up failed: {0}")]
-    StartupFailed(String),
+    /// Start-up failed, or the crash-loop breaker opened: nothing will be served.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("the worker restarted while this request was generating")]
     WorkerLost,
+    #[error("the worker crashed {0} times while running this request; it is not tried again")]
+    Crashed(u32),
+    #[error("the prompt has {tokens} tokens; the worker's context limit is {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
     #[error("the worker failed this request: {0}")]
     Worker(String),
 }
@@ -122,11 +137,14 @@ pub struct EngineConfig {
 
 struct Shared {
     commands: mpsc::UnboundedSender<actor::Command>,
+    /// Places taken in the queue: queued requests and reservations not yet submitted.
     waiting: AtomicUsize,
     active: AtomicUsize,
     next_ticket: AtomicU64,
     queue_capacity: usize,
     readiness: Arc<Readiness>,
+    /// The last ready worker's `max_context` (0 until one was ready).
+    max_context: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -150,26 +168,17 @@ impl Engine {
             next_ticket: AtomicU64::new(1),
             queue_capacity: config.queue_capacity,
             readiness,
+            max_context: AtomicUsize::new(0),
         });
         let actor = actor::Actor::new(shared.clone(), metrics, &config);
         tokio::spawn(actor.run(command_rx, worker_rx));
         (Self { shared }, worker_tx)
     }
 
-    pub fn submit(&self, request: TokenRequest) -> Result<TokenStream, EngineError> {
+    /// Takes a place in the queue (429 when full) before any work is spent on a request.
+    pub fn reserve(&self) -> Result<QueueSlot, EngineError> {
         let shared = &self.shared;
-        match shared.readiness.phase() {
-            Phase::ShuttingDown => return Err(EngineError::ShuttingDown),
-            Phase::Failed => {
-                let reason = shared
-                    .readiness
-                    .failure()
-                    .map(|f| f.reason)
-                    .unwrap_or_default();
-                return Err(EngineError::StartupFailed(reason));
-            }
-            Phase::Initializing | Phase::Ready => {}
-        }
+        Self::check_phase(shared)?;
         let capacity = shared.queue_capacity;
         shared
             .waiting
@@ -177,6 +186,30 @@ impl Engine {
                 (n < capacity).then_some(n + 1)
             })
             .map_err(EngineError::QueueFull)?;
+        Ok(QueueSlot {
+            shared: shared.clone(),
+            held: true,
+        })
+    }
+
+    /// [`Engine::reserve`] and [`Engine::submit_in`] in one.
+    #[cfg(test)]
+    pub fn submit(&self, request: TokenRequest) -> Result<TokenStream, EngineError> {
+        let slot = self.reserve()?;
+        self.submit_in(slot, request)
+    }
+
+    /// Queues `request` in the place `slot` reserved.
+    pub fn submit_in(
+        &self,
+        mut slot: QueueSlot,
+        request: TokenRequest,
+    ) -> Result<TokenStream, EngineError> {
+        let shared = &self.shared;
+        // The phase may have changed while the prompt was tokenized.
+        Self::check_phase(shared)?;
+        // From here the queued request owns the place; the actor gives it back.
+        slot.held = false;
         shared.active.fetch_add(1, Ordering::AcqRel);
         let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
         let (events, receiver) = mpsc::unbounded_channel();
@@ -184,6 +217,7 @@ impl Engine {
             ticket,
             events: receiver,
             finished: false,
+            attempts: request.previous_attempts,
             shared: shared.clone(),
         };
         let pending = actor::Pending::new(ticket, request, events);
@@ -197,9 +231,47 @@ impl Engine {
         Ok(stream)
     }
 
+    fn check_phase(shared: &Shared) -> Result<(), EngineError> {
+        match shared.readiness.phase() {
+            Phase::ShuttingDown => Err(EngineError::ShuttingDown),
+            Phase::Failed => {
+                let reason = shared
+                    .readiness
+                    .failure()
+                    .map(|f| f.reason)
+                    .unwrap_or_default();
+                Err(EngineError::Unavailable(reason))
+            }
+            Phase::Initializing | Phase::Ready => Ok(()),
+        }
+    }
+
+    /// The context limit the worker reported at `ready`, once one was ready.
+    pub fn worker_max_context(&self) -> Option<usize> {
+        match self.shared.max_context.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
     /// Requests admitted and not yet finished (or not yet dropped by their caller).
     pub fn active(&self) -> usize {
         self.shared.active.load(Ordering::Acquire)
+    }
+}
+
+/// A place in the gateway queue, taken before the prompt is tokenized so that a full queue
+/// refuses a request before any work is spent on it. Dropping it gives the place back.
+pub struct QueueSlot {
+    shared: Arc<Shared>,
+    held: bool,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -208,6 +280,8 @@ pub struct TokenStream {
     ticket: u64,
     events: mpsc::UnboundedReceiver<EngineEvent>,
     finished: bool,
+    /// Workers this request was handed to, earlier submits included (one `Started` each).
+    attempts: u32,
     shared: Arc<Shared>,
 }
 
@@ -222,6 +296,9 @@ impl TokenStream {
             .recv()
             .await
             .unwrap_or(EngineEvent::Failed(EngineError::ShuttingDown));
+        if event == EngineEvent::Started {
+            self.attempts += 1;
+        }
         self.finished = matches!(
             event,
             EngineEvent::Finished(_)
@@ -232,6 +309,11 @@ impl TokenStream {
                 })
         );
         Some(event)
+    }
+
+    /// Workers this request ran in so far, for a retry's [`TokenRequest::previous_attempts`].
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// Stops the request in the worker; no more events are read.

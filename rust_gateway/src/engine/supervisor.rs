@@ -1,6 +1,9 @@
 //! Supervision of the worker: spawn it, run the handshake, relay its messages to the actor,
-//! and restart it with exponential backoff when it dies.
+//! and restart it with exponential backoff when it dies, until it fails to start too many
+//! times in a row or crashes too often (the crash-loop breaker): a platform that sees `/ping`
+//! fail replaces the machine, where restarting forever would bill a loop.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +21,15 @@ use crate::readiness::Readiness;
 
 pub struct WorkerSpec {
     pub argv: Vec<String>,
+    /// Extra environment names the worker may see (THAW_WORKER_ENV_PASS).
+    pub env_pass: Vec<String>,
     pub snapshot: PathBuf,
     pub max_start_failures: u32,
     pub backoff: Duration,
     pub start_timeout: Duration,
+    /// Worker exits within `crash_window` that open the breaker (0: never).
+    pub max_crashes: u32,
+    pub crash_window: Duration,
 }
 
 pub struct Supervisor {
@@ -45,6 +53,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 impl Supervisor {
     pub async fn run(mut self, listener: UnixListener, socket: PathBuf) {
         let mut failures = 0u32;
+        let mut breaker = CrashBreaker::new(self.spec.max_crashes, self.spec.crash_window);
         loop {
             let exit = self.run_once(&listener, &socket).await;
             self.readiness.set_worker_lost();
@@ -55,11 +64,21 @@ impl Supervisor {
             }
             failures = if exit.was_ready { 0 } else { failures + 1 };
             tracing::warn!(reason = %exit.reason, failures, "worker exited");
-            if failures >= self.spec.max_start_failures {
-                let reason = format!(
+            let give_up = if breaker.record(Instant::now()) {
+                Some(format!(
+                    "crash loop: the worker exited {} times within {:?}, so it is not restarted \
+                     (THAW_CRASH_LOOP_CRASHES, THAW_CRASH_LOOP_WINDOW_S); last: {}",
+                    self.spec.max_crashes, self.spec.crash_window, exit.reason
+                ))
+            } else if failures >= self.spec.max_start_failures {
+                Some(format!(
                     "the worker failed to start {failures} times in a row; last: {}",
                     exit.reason
-                );
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = give_up {
                 tracing::error!(%reason, "giving up on the worker");
                 self.readiness.set_failed(reason.clone(), self.log.lines());
                 let _ = self.events.send(WorkerEvent::GaveUp(reason));
@@ -79,18 +98,23 @@ impl Supervisor {
     }
 
     async fn run_once(&mut self, listener: &UnixListener, socket: &std::path::Path) -> Exit {
-        let mut process =
-            match WorkerProcess::spawn(&self.spec.argv, socket, &self.spec.snapshot, &self.log) {
-                Ok(process) => process,
-                Err(err) => {
-                    let reason = format!("cannot start `{}`: {err}", self.spec.argv.join(" "));
-                    self.log.push(reason.clone());
-                    return Exit {
-                        was_ready: false,
-                        reason,
-                    };
-                }
-            };
+        let mut process = match WorkerProcess::spawn(
+            &self.spec.argv,
+            &self.spec.env_pass,
+            socket,
+            &self.spec.snapshot,
+            &self.log,
+        ) {
+            Ok(process) => process,
+            Err(err) => {
+                let reason = format!("cannot start `{}`: {err}", self.spec.argv.join(" "));
+                self.log.push(reason.clone());
+                return Exit {
+                    was_ready: false,
+                    reason,
+                };
+            }
+        };
         let spawned_ms = self.readiness.record("worker_spawned");
         let deadline = Instant::now() + self.spec.start_timeout;
         let stream = tokio::select! {
@@ -212,6 +236,38 @@ impl Supervisor {
     }
 }
 
+/// The crash-rate breaker: `max_crashes` worker exits within `window` open it.
+pub struct CrashBreaker {
+    max_crashes: u32,
+    window: Duration,
+    crashes: VecDeque<Instant>,
+}
+
+impl CrashBreaker {
+    pub fn new(max_crashes: u32, window: Duration) -> Self {
+        Self {
+            max_crashes,
+            window,
+            crashes: VecDeque::new(),
+        }
+    }
+
+    /// Records a crash at `now`; true when it is the `max_crashes`-th within the window.
+    pub fn record(&mut self, now: Instant) -> bool {
+        if self.max_crashes == 0 {
+            return false;
+        }
+        self.crashes.push_back(now);
+        while let Some(&first) = self.crashes.front() {
+            if now.saturating_duration_since(first) <= self.window {
+                break;
+            }
+            self.crashes.pop_front();
+        }
+        self.crashes.len() >= self.max_crashes as usize
+    }
+}
+
 async fn write_frames(
     mut writer: OwnedWriteHalf,
     mut outbox: mpsc::UnboundedReceiver<GatewayMessage>,
@@ -221,5 +277,42 @@ async fn write_frames(
             tracing::warn!(%err, "cannot write to the worker");
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_on_k_crashes_within_the_window() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut breaker = CrashBreaker::new(3, Duration::from_secs(60));
+        assert!(!breaker.record(at(0)));
+        assert!(!breaker.record(at(10)));
+        assert!(breaker.record(at(60)), "three crashes within 60 s");
+    }
+
+    #[test]
+    fn crashes_older_than_the_window_are_forgotten() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut breaker = CrashBreaker::new(3, Duration::from_secs(60));
+        assert!(!breaker.record(at(0)));
+        assert!(!breaker.record(at(50)));
+        // The first crash is 61 s old now: two in the window.
+        assert!(!breaker.record(at(61)));
+        assert!(!breaker.record(at(200)));
+        assert!(!breaker.record(at(300)));
+        assert!(!breaker.record(at(301)));
+        assert!(breaker.record(at(302)));
+    }
+
+    #[test]
+    fn zero_crashes_means_no_breaker() {
+        let mut breaker = CrashBreaker::new(0, Duration::from_secs(60));
+        let now = Instant::now();
+        assert!((0..100).all(|_| !breaker.record(now)));
     }
 }

@@ -29,6 +29,7 @@ fn request(prompt: &[u32]) -> TokenRequest {
     TokenRequest {
         prompt: prompt.to_vec(),
         params: Params::default(),
+        previous_attempts: 0,
     }
 }
 
@@ -238,6 +239,136 @@ async fn giving_up_fails_the_queue() {
     h.worker.send(WorkerEvent::GaveUp("boom".into())).unwrap();
     assert_eq!(
         next_event(&mut stream).await,
-        EngineEvent::Failed(EngineError::StartupFailed("boom".into()))
+        EngineEvent::Failed(EngineError::Unavailable("boom".into()))
     );
+}
+
+#[tokio::test]
+async fn a_request_whose_worker_crashes_twice_fails() {
+    let h = harness(4, Duration::from_secs(60));
+    let mut poison = h.engine.submit(request(&[1])).unwrap();
+    for _ in 0..MAX_ATTEMPTS {
+        let (event, mut outbox) = ready(4);
+        h.worker.send(event).unwrap();
+        submitted_id(next_frame(&mut outbox).await);
+        assert_eq!(next_event(&mut poison).await, EngineEvent::Started);
+        h.worker.send(WorkerEvent::Lost).unwrap();
+    }
+    assert_eq!(
+        next_event(&mut poison).await,
+        EngineEvent::Failed(EngineError::Crashed(MAX_ATTEMPTS))
+    );
+    assert_eq!(poison.attempts(), MAX_ATTEMPTS);
+    // It is not handed to the next worker.
+    let (event, mut outbox) = ready(4);
+    h.worker.send(event).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(150), outbox.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn attempts_follow_a_request_into_its_retry() {
+    let h = harness(4, Duration::from_secs(60));
+    let (event, mut outbox) = ready(4);
+    h.worker.send(event).unwrap();
+    let mut first = h.engine.submit(request(&[1])).unwrap();
+    let id = submitted_id(next_frame(&mut outbox).await);
+    h.worker
+        .send(outputs(vec![item(id, Some(9), None)]))
+        .unwrap();
+    assert_eq!(next_event(&mut first).await, EngineEvent::Started);
+    assert!(matches!(
+        next_event(&mut first).await,
+        EngineEvent::Token(_)
+    ));
+    h.worker.send(WorkerEvent::Lost).unwrap();
+    assert_eq!(
+        next_event(&mut first).await,
+        EngineEvent::Failed(EngineError::WorkerLost)
+    );
+    // The route runs it again, carrying the attempt it spent.
+    let retry = TokenRequest {
+        previous_attempts: first.attempts(),
+        ..request(&[1])
+    };
+    let mut second = h.engine.submit(retry).unwrap();
+    let (event, mut outbox) = ready(4);
+    h.worker.send(event).unwrap();
+    submitted_id(next_frame(&mut outbox).await);
+    assert_eq!(next_event(&mut second).await, EngineEvent::Started);
+    h.worker.send(WorkerEvent::Lost).unwrap();
+    assert_eq!(
+        next_event(&mut second).await,
+        EngineEvent::Failed(EngineError::Crashed(2))
+    );
+}
+
+#[tokio::test]
+async fn a_crash_costs_only_the_requests_in_the_worker() {
+    let h = harness(4, Duration::from_secs(60));
+    let (event, mut outbox) = ready(1);
+    h.worker.send(event).unwrap();
+    let mut running = h.engine.submit(request(&[1])).unwrap();
+    let mut queued = h.engine.submit(request(&[2])).unwrap();
+    submitted_id(next_frame(&mut outbox).await);
+    assert_eq!(next_event(&mut running).await, EngineEvent::Started);
+    for _ in 0..2 {
+        h.worker.send(WorkerEvent::Lost).unwrap();
+        let (event, mut outbox) = ready(1);
+        h.worker.send(event).unwrap();
+        let id = submitted_id(next_frame(&mut outbox).await);
+        if running.attempts() < MAX_ATTEMPTS {
+            assert_eq!(next_event(&mut running).await, EngineEvent::Started);
+            continue;
+        }
+        // The twice-crashed request failed; the queued one runs in its first attempt.
+        assert_eq!(
+            next_event(&mut running).await,
+            EngineEvent::Failed(EngineError::Crashed(2))
+        );
+        assert_eq!(next_event(&mut queued).await, EngineEvent::Started);
+        assert_eq!(queued.attempts(), 1);
+        h.worker
+            .send(outputs(vec![item(id, Some(3), Some(WireFinish::Length))]))
+            .unwrap();
+        assert!(matches!(
+            next_event(&mut queued).await,
+            EngineEvent::Token(SampledToken {
+                finish: Some(FinishReason::Length),
+                ..
+            })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_the_workers_context_is_refused_at_dispatch() {
+    let h = harness(4, Duration::from_secs(60));
+    assert_eq!(h.engine.worker_max_context(), None);
+    let prompt: Vec<u32> = (0..64).collect();
+    let mut stream = h.engine.submit(request(&prompt)).unwrap();
+    let (event, _outbox) = ready(4);
+    h.worker.send(event).unwrap();
+    assert_eq!(
+        next_event(&mut stream).await,
+        EngineEvent::Failed(EngineError::PromptTooLong {
+            tokens: 64,
+            limit: 64
+        })
+    );
+    assert_eq!(h.engine.worker_max_context(), Some(64));
+}
+
+#[tokio::test]
+async fn a_reserved_slot_counts_until_dropped_or_used() {
+    let h = harness(1, Duration::from_secs(60));
+    let slot = h.engine.reserve().unwrap();
+    assert_eq!(h.engine.reserve().err(), Some(EngineError::QueueFull(1)));
+    drop(slot);
+    let slot = h.engine.reserve().unwrap();
+    let _stream = h.engine.submit_in(slot, request(&[1])).unwrap();
+    assert_eq!(h.engine.reserve().err(), Some(EngineError::QueueFull(1)));
 }

@@ -1,5 +1,10 @@
 //! Spawning the worker process and forwarding its output to the gateway's log.
+//!
+//! The worker gets an allowlisted environment, not the gateway's: the API key and credentials
+//! it does not use (cloud keys, RunPod's key) stay out of a process that runs model code and
+//! writes logs.
 
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,8 +21,10 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    /// `env_pass`: names (or `PREFIX_*`) the operator lets through besides the allowlist.
     pub fn spawn(
         argv: &[String],
+        env_pass: &[String],
         socket: &Path,
         snapshot: &Path,
         log: &LogTail,
@@ -28,6 +35,8 @@ impl WorkerProcess {
         let mut command = Command::new(program);
         command
             .args(args)
+            .env_clear()
+            .envs(worker_env(std::env::vars_os(), env_pass))
             .env("THAW_SOCKET", socket)
             .env("THAW_SNAPSHOT", snapshot)
             .stdin(Stdio::null())
@@ -91,5 +100,170 @@ async fn forward_lines<R: AsyncRead + Unpin>(stream: R, name: &'static str, log:
                 log.push(text);
             }
         }
+    }
+}
+
+/// The worker's own settings (README's worker table) and what it reads besides.
+const WORKER_SETTINGS: &[&str] = &[
+    "THAW_DEVICE",
+    "THAW_DTYPE",
+    "THAW_KV_CACHE_BYTES",
+    "THAW_MAX_NUM_SEQS",
+    "THAW_MAX_BATCHED_TOKENS",
+    "THAW_BLOCK_SIZE",
+    "THAW_ATTENTION_BACKEND",
+    "THAW_CPU_KERNELS",
+    "THAW_GPU_MEMORY_FRACTION",
+    "THAW_CUDA_GRAPH_MAX_BATCH",
+    "THAW_FAULT_INJECT",
+    "THAW_KERNEL_CACHE",
+];
+
+/// What any process needs to run: paths, locale, Python, and the CUDA / Triton / torch / OpenMP
+/// tuning an operator may set. A `*` ends a prefix.
+const PROCESS_BASICS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "PYTHON*",
+    "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    "CUDA_*",
+    "NVIDIA_*",
+    "TRITON_*",
+    "TORCH*",
+    "PYTORCH_*",
+    "OMP_*",
+    "KMP_*",
+    "MKL_*",
+    "OPENBLAS_*",
+    "XDG_*",
+    "CC",
+];
+
+/// Whether `name` matches `pattern`: the same name, or a prefix when the pattern ends in `*`.
+fn matches(pattern: &str, name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+/// The variables of `vars` the worker gets: its settings, the process basics and `extra`
+/// (THAW_WORKER_ENV_PASS).
+pub fn worker_env<I, S>(vars: I, extra: &[S]) -> Vec<(OsString, OsString)>
+where
+    I: IntoIterator<Item = (OsString, OsString)>,
+    S: AsRef<str>,
+{
+    let passes = |name: &OsStr| {
+        WORKER_SETTINGS
+            .iter()
+            .chain(PROCESS_BASICS)
+            .any(|pattern| matches(pattern, name))
+            || extra
+                .iter()
+                .map(|pattern| pattern.as_ref().trim())
+                .any(|pattern| !pattern.is_empty() && matches(pattern, name))
+    };
+    vars.into_iter().filter(|(name, _)| passes(name)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(names: &[&str]) -> Vec<(OsString, OsString)> {
+        names
+            .iter()
+            .map(|name| (OsString::from(name), OsString::from("v")))
+            .collect()
+    }
+
+    fn passed(names: &[&str], extra: &[&str]) -> Vec<String> {
+        worker_env(env(names), extra)
+            .into_iter()
+            .map(|(name, _)| name.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn credentials_and_gateway_settings_stay_out() {
+        let secrets = [
+            "THAW_API_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "RUNPOD_API_KEY",
+            "HF_TOKEN",
+            "GITHUB_TOKEN",
+            "THAW_WEBHOOK_ALLOW",
+            "THAW_WORKER_CMD",
+            "PORT",
+            "LD_PRELOAD",
+        ];
+        assert!(passed(&secrets, &[]).is_empty());
+    }
+
+    #[test]
+    fn the_worker_settings_and_process_basics_pass() {
+        let needed = [
+            "THAW_DEVICE",
+            "THAW_DTYPE",
+            "THAW_KV_CACHE_BYTES",
+            "THAW_MAX_NUM_SEQS",
+            "THAW_MAX_BATCHED_TOKENS",
+            "THAW_BLOCK_SIZE",
+            "THAW_ATTENTION_BACKEND",
+            "THAW_CPU_KERNELS",
+            "THAW_GPU_MEMORY_FRACTION",
+            "THAW_CUDA_GRAPH_MAX_BATCH",
+            "THAW_FAULT_INJECT",
+            "THAW_KERNEL_CACHE",
+            "PATH",
+            "HOME",
+            "LANG",
+            "LC_ALL",
+            "PYTHONPATH",
+            "PYTHONUNBUFFERED",
+            "VIRTUAL_ENV",
+            "LD_LIBRARY_PATH",
+            "CUDA_VISIBLE_DEVICES",
+            "NVIDIA_VISIBLE_DEVICES",
+            "TRITON_CACHE_DIR",
+            "TORCHINDUCTOR_CACHE_DIR",
+            "PYTORCH_CUDA_ALLOC_CONF",
+            "OMP_NUM_THREADS",
+            "XDG_CACHE_HOME",
+            "CC",
+        ];
+        assert_eq!(passed(&needed, &[]), needed);
+    }
+
+    #[test]
+    fn extra_names_and_prefixes_pass_on_request() {
+        let names = [
+            "STUB_TOKENS",
+            "STUB_MAX_RUNNING",
+            "MY_FLAG",
+            "OTHER",
+            "HF_HOME",
+        ];
+        assert_eq!(
+            passed(&names, &["STUB_*", " MY_FLAG ", "", "HF_HOME"]),
+            ["STUB_TOKENS", "STUB_MAX_RUNNING", "MY_FLAG", "HF_HOME"]
+        );
+        // A bare `*` is an operator's explicit choice to pass everything.
+        assert_eq!(passed(&["A", "B"], &["*"]), ["A", "B"]);
     }
 }

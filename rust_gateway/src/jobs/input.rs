@@ -67,7 +67,8 @@ impl Policy {
 }
 
 impl RunBody {
-    /// The webhook URL, checked to be http(s).
+    /// The webhook URL, checked to be http(s). Where it may point is the webhook policy's
+    /// check (`webhook.rs`), made at submit and again before each delivery.
     pub fn webhook_url(&self) -> Result<Option<reqwest::Url>, ApiError> {
         let Some(url) = &self.webhook else {
             return Ok(None);

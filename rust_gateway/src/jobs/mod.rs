@@ -1,5 +1,7 @@
-//! Asynchronous jobs with RunPod semantics: the store, the runner, the input format, webhooks.
+//! Asynchronous jobs with RunPod semantics: the store, the runner, the input format, webhooks
+//! (and which addresses they may reach).
 
+mod address;
 mod input;
 mod output;
 mod runner;
@@ -9,4 +11,5 @@ mod webhook;
 pub use input::{JobRequest, RunBody};
 pub use output::JobFormat;
 pub use runner::{run_job, JobContext, JobSpec};
-pub use store::{JobStatus, JobStore, JobView};
+pub use store::{JobStatus, JobStore, JobView, StoreFull};
+pub use webhook::{install as install_webhooks, WebhookPolicy, Webhooks};

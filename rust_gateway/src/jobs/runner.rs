@@ -1,5 +1,7 @@
 //! Runs one job to a final state. A job whose generation was cut by a worker crash is retried
-//! from scratch, so an accepted job is never lost.
+//! from scratch, so an accepted job is not lost to a crash it did not cause; the attempts
+//! follow it, and a job whose worker crashed in every attempt the engine allows is FAILED
+//! with that reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +38,8 @@ pub struct JobSpec {
 /// How one attempt ended.
 enum Attempt {
     Completed(serde_json::Value),
-    Retry,
+    /// The worker was lost; the attempts spent so far.
+    Retry(u32),
     Failed(String),
     Cancelled,
     TimedOut,
@@ -52,27 +55,31 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
         execution: None,
     };
     let mut stream = Some(first);
+    let mut attempts = 0;
     let outcome = loop {
         let mut current = match stream.take() {
             Some(current) => current,
-            None => match context
-                .generator
-                .generate(spec.model.clone(), spec.request.clone())
-            {
-                Ok(current) => current,
-                Err(EngineError::QueueFull(_)) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY_ADMISSION_EVERY) => continue,
-                        _ = cancel.notified() => break Attempt::Cancelled,
-                        _ = deadlines.next() => break Attempt::TimedOut,
+            None => {
+                match context
+                    .generator
+                    .retry(spec.model.clone(), spec.request.clone(), attempts)
+                {
+                    Ok(current) => current,
+                    Err(EngineError::QueueFull(_)) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY_ADMISSION_EVERY) => continue,
+                            _ = cancel.notified() => break Attempt::Cancelled,
+                            _ = deadlines.next() => break Attempt::TimedOut,
+                        }
                     }
+                    Err(error) => break Attempt::Failed(error.to_string()),
                 }
-                Err(error) => break Attempt::Failed(error.to_string()),
-            },
+            }
         };
         match attempt(&context, &spec, &mut current, &cancel, &mut deadlines).await {
-            Attempt::Retry => {
-                tracing::warn!(job = %spec.id, "worker lost mid-generation; retrying the job");
+            Attempt::Retry(spent) => {
+                tracing::warn!(job = %spec.id, attempts = spent, "worker lost mid-generation; retrying the job");
+                attempts = spent;
                 context.store.reset_progress(&spec.id);
             }
             other => break other,
@@ -87,7 +94,7 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
             None,
             Some("the job ran past its time limit".into()),
         ),
-        Attempt::Retry => (JobStatus::Failed, None, Some("retry loop ended".into())),
+        Attempt::Retry(_) => (JobStatus::Failed, None, Some("retry loop ended".into())),
     };
     let Some(view) = context.store.finish(&spec.id, status, output, error) else {
         return;
@@ -119,7 +126,7 @@ async fn attempt(
         };
         let event = match event {
             None => return Attempt::Failed("generation ended without finishing".into()),
-            Some(Err(EngineError::WorkerLost)) => return Attempt::Retry,
+            Some(Err(EngineError::WorkerLost)) => return Attempt::Retry(stream.attempts()),
             Some(Err(error)) => return Attempt::Failed(error.to_string()),
             Some(Ok(event)) => event,
         };

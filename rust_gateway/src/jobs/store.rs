@@ -1,4 +1,6 @@
-//! Job states and results, kept for the configured retention after they finish.
+//! Job states and results, kept for the configured retention after they finish. The number of
+//! jobs held is capped (THAW_MAX_JOBS), and a finished job keeps its unread stream as positions
+//! in its output rather than a second copy of every chunk.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,7 +60,9 @@ struct Job {
     output: Option<serde_json::Value>,
     error: Option<String>,
     /// Stream chunks not yet read by /stream.
-    chunks: Vec<serde_json::Value>,
+    unread: Unread,
+    /// The runner has recorded the final state (a cancel alone does not settle a job).
+    settled: bool,
     retention: Duration,
     cancel: Arc<Notify>,
     done: watch::Sender<bool>,
@@ -68,6 +72,11 @@ impl Job {
     fn expired(&self, now: Instant) -> bool {
         self.finished
             .is_some_and(|at| now.duration_since(at) >= self.retention)
+    }
+
+    /// Expired, and its runner is done with it (it may still have a webhook to deliver).
+    fn purgeable(&self, now: Instant) -> bool {
+        self.settled && self.expired(now)
     }
 
     fn view(&self, id: &str) -> JobView {
@@ -84,29 +93,155 @@ impl Job {
     }
 }
 
-#[derive(Clone, Default)]
+/// The stream chunks /stream has not handed out yet.
+enum Unread {
+    Chunks(Vec<serde_json::Value>),
+    /// The last `n` items of the output array (a streamed OpenAI job's output is its chunks).
+    OutputTail(usize),
+    /// `{"text"}` chunks whose texts, of these byte lengths, end the output's `text`.
+    TextTail(Vec<usize>),
+}
+
+impl Unread {
+    /// After the final output is known: the same chunks, as positions in the output where it
+    /// holds them all.
+    fn compact(chunks: Vec<serde_json::Value>, output: Option<&serde_json::Value>) -> Self {
+        if chunks.is_empty() {
+            return Self::Chunks(chunks);
+        }
+        match output {
+            Some(serde_json::Value::Array(all)) if all.ends_with(&chunks) => {
+                Self::OutputTail(chunks.len())
+            }
+            Some(serde_json::Value::Object(object)) => {
+                let text = object.get("text").and_then(|t| t.as_str());
+                match (text, text_deltas(&chunks)) {
+                    (Some(text), Some(deltas)) if text.ends_with(&deltas.concat()) => {
+                        Self::TextTail(deltas.iter().map(|d| d.len()).collect())
+                    }
+                    _ => Self::Chunks(chunks),
+                }
+            }
+            _ => Self::Chunks(chunks),
+        }
+    }
+
+    fn take(&mut self, output: Option<&serde_json::Value>) -> Vec<serde_json::Value> {
+        match std::mem::replace(self, Self::Chunks(Vec::new())) {
+            Self::Chunks(chunks) => chunks,
+            Self::OutputTail(n) => match output {
+                Some(serde_json::Value::Array(all)) => all[all.len().saturating_sub(n)..].to_vec(),
+                _ => Vec::new(),
+            },
+            Self::TextTail(lengths) => {
+                let text = output
+                    .and_then(|o| o.get("text"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default();
+                let mut at = text.len().saturating_sub(lengths.iter().sum());
+                let mut chunks = Vec::with_capacity(lengths.len());
+                for length in lengths {
+                    if let Some(delta) = text.get(at..at + length) {
+                        chunks.push(serde_json::json!({"text": delta}));
+                    }
+                    at += length;
+                }
+                chunks
+            }
+        }
+    }
+}
+
+/// The texts of chunks that are all exactly `{"text": "..."}`.
+fn text_deltas(chunks: &[serde_json::Value]) -> Option<Vec<&str>> {
+    chunks
+        .iter()
+        .map(|chunk| match chunk.as_object() {
+            Some(object) if object.len() == 1 => object.get("text")?.as_str(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Jobs held at once when the store is built without a cap (THAW_MAX_JOBS's default).
+pub const DEFAULT_MAX_JOBS: usize = 10_000;
+
+/// The store holds THAW_MAX_JOBS jobs (running or kept for retention); a new one must wait.
+#[derive(Debug, thiserror::Error)]
+#[error("too many jobs are held ({max}, THAW_MAX_JOBS); retry later")]
+pub struct StoreFull {
+    pub max: usize,
+    /// When the first finished job's retention ends (a slot frees up then, if not before).
+    pub retry_after: Duration,
+}
+
+#[derive(Clone)]
 pub struct JobStore {
     jobs: Arc<Mutex<HashMap<String, Job>>>,
+    max_jobs: usize,
+}
+
+impl Default for JobStore {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_MAX_JOBS)
+    }
 }
 
 impl JobStore {
+    pub fn with_capacity(max_jobs: usize) -> Self {
+        Self {
+            jobs: Arc::default(),
+            max_jobs,
+        }
+    }
+
     /// Registers a new job; returns the signal its runner watches for cancellation.
-    pub fn insert(&self, id: &str, retention: Duration) -> Arc<Notify> {
+    pub fn insert(&self, id: &str, retention: Duration) -> Result<Arc<Notify>, StoreFull> {
+        let now = Instant::now();
+        let mut jobs = self.lock();
+        if jobs.len() >= self.max_jobs {
+            jobs.retain(|_, job| !job.purgeable(now));
+        }
+        if jobs.len() >= self.max_jobs {
+            let retry_after = jobs
+                .values()
+                .filter(|job| job.settled)
+                .filter_map(|job| job.finished?.checked_add(job.retention))
+                .map(|frees| frees.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1));
+            return Err(StoreFull {
+                max: self.max_jobs,
+                retry_after,
+            });
+        }
         let cancel = Arc::new(Notify::new());
         let job = Job {
             status: JobStatus::InQueue,
-            created: Instant::now(),
+            created: now,
             started: None,
             finished: None,
             output: None,
             error: None,
-            chunks: Vec::new(),
+            unread: Unread::Chunks(Vec::new()),
+            settled: false,
             retention,
             cancel: cancel.clone(),
             done: watch::channel(false).0,
         };
-        self.lock().insert(id.to_string(), job);
-        cancel
+        jobs.insert(id.to_string(), job);
+        Ok(cancel)
+    }
+
+    /// Forgets a job that was registered but never started (its request was refused).
+    pub fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
     }
 
     pub fn view(&self, id: &str) -> Option<JobView> {
@@ -127,14 +262,16 @@ impl JobStore {
 
     pub fn push_chunk(&self, id: &str, chunk: serde_json::Value) {
         if let Some(job) = self.lock().get_mut(id) {
-            job.chunks.push(chunk);
+            if let Unread::Chunks(chunks) = &mut job.unread {
+                chunks.push(chunk);
+            }
         }
     }
 
     /// A retry starts from scratch: chunks of the lost attempt are dropped.
     pub fn reset_progress(&self, id: &str) {
         if let Some(job) = self.lock().get_mut(id) {
-            job.chunks.clear();
+            job.unread = Unread::Chunks(Vec::new());
         }
     }
 
@@ -154,6 +291,11 @@ impl JobStore {
             job.error = error;
             job.finished = Some(Instant::now());
         }
+        job.settled = true;
+        if let Unread::Chunks(chunks) = &mut job.unread {
+            let chunks = std::mem::take(chunks);
+            job.unread = Unread::compact(chunks, job.output.as_ref());
+        }
         job.done.send_replace(true);
         Some(job.view(id))
     }
@@ -164,7 +306,8 @@ impl JobStore {
         let job = jobs
             .get_mut(id)
             .filter(|job| !job.expired(Instant::now()))?;
-        Some((job.status, std::mem::take(&mut job.chunks)))
+        let chunks = job.unread.take(job.output.as_ref());
+        Some((job.status, chunks))
     }
 
     /// Cancels an unfinished job at once and tells its runner; returns the resulting status.
@@ -191,7 +334,7 @@ impl JobStore {
         let now = Instant::now();
         let mut jobs = self.lock();
         let before = jobs.len();
-        jobs.retain(|_, job| !job.expired(now));
+        jobs.retain(|_, job| !job.purgeable(now));
         before - jobs.len()
     }
 
@@ -209,7 +352,7 @@ mod tests {
     #[test]
     fn lifecycle_and_retention() {
         let store = JobStore::default();
-        store.insert("a", Duration::ZERO);
+        store.insert("a", Duration::ZERO).unwrap();
         assert_eq!(store.view("a").unwrap().status, JobStatus::InQueue);
         store.set_started("a");
         store.push_chunk("a", serde_json::json!({"text": "x"}));
@@ -225,7 +368,7 @@ mod tests {
     #[test]
     fn cancel_wins_over_a_later_finish() {
         let store = JobStore::default();
-        store.insert("b", Duration::from_secs(60));
+        store.insert("b", Duration::from_secs(60)).unwrap();
         assert_eq!(store.cancel("b"), Some(JobStatus::Cancelled));
         store.finish("b", JobStatus::Completed, None, None);
         assert_eq!(store.view("b").unwrap().status, JobStatus::Cancelled);
@@ -239,5 +382,101 @@ mod tests {
             "TIMED_OUT"
         );
         assert_eq!(JobStatus::InQueue.as_str(), "IN_QUEUE");
+    }
+
+    #[test]
+    fn a_full_store_refuses_until_a_slot_frees() {
+        let store = JobStore::with_capacity(2);
+        store.insert("a", Duration::from_secs(600)).unwrap();
+        store.insert("b", Duration::ZERO).unwrap();
+        let full = store.insert("c", Duration::ZERO).unwrap_err();
+        assert_eq!(full.max, 2);
+        // Nothing finished yet: no slot frees at a known time.
+        assert_eq!(full.retry_after, Duration::from_secs(1));
+        store.finish("a", JobStatus::Completed, None, None);
+        let full = store.insert("c", Duration::ZERO).unwrap_err();
+        assert!(full.retry_after > Duration::from_secs(590), "{full:?}");
+        // "b" expires at once when it finishes, and a full store purges before refusing.
+        store.finish("b", JobStatus::Completed, None, None);
+        store.insert("c", Duration::ZERO).unwrap();
+        assert_eq!(store.len(), 2);
+        store.remove("c");
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_cancelled_job_stays_until_its_runner_settles_it() {
+        let store = JobStore::with_capacity(1);
+        store.insert("a", Duration::ZERO).unwrap();
+        store.cancel("a");
+        assert_eq!(store.purge(), 0);
+        assert!(store.insert("b", Duration::ZERO).is_err());
+        assert!(store
+            .finish("a", JobStatus::Cancelled, None, None)
+            .is_some());
+        assert_eq!(store.purge(), 1);
+    }
+
+    #[test]
+    fn finished_text_jobs_keep_unread_chunks_as_positions_in_the_output() {
+        let store = JobStore::default();
+        store.insert("t", Duration::from_secs(60)).unwrap();
+        for delta in ["Grü", "ße", " 🙂", "!"] {
+            store.push_chunk("t", serde_json::json!({ "text": delta }));
+        }
+        assert_eq!(store.take_chunks("t").unwrap().1.len(), 4);
+        for delta in ["a", "é", "b"] {
+            store.push_chunk("t", serde_json::json!({ "text": delta }));
+        }
+        let output = serde_json::json!({"text": "Grüße 🙂!aéb", "finish_reason": "length"});
+        store.finish("t", JobStatus::Completed, Some(output), None);
+        {
+            let jobs = store.lock();
+            assert!(
+                matches!(&jobs["t"].unread, Unread::TextTail(lengths) if lengths == &[1, 2, 1])
+            );
+        }
+        let (status, chunks) = store.take_chunks("t").unwrap();
+        assert_eq!(status, JobStatus::Completed);
+        let texts: Vec<_> = chunks.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["a", "é", "b"]);
+        assert!(store.take_chunks("t").unwrap().1.is_empty());
+        assert_eq!(
+            store.view("t").unwrap().output.unwrap()["text"],
+            "Grüße 🙂!aéb"
+        );
+    }
+
+    #[test]
+    fn finished_streamed_openai_jobs_hand_out_the_tail_of_their_output() {
+        let store = JobStore::default();
+        store.insert("o", Duration::from_secs(60)).unwrap();
+        let all: Vec<_> = (0..5).map(|i| serde_json::json!({"i": i})).collect();
+        for chunk in &all[..2] {
+            store.push_chunk("o", chunk.clone());
+        }
+        store.take_chunks("o");
+        for chunk in &all[2..] {
+            store.push_chunk("o", chunk.clone());
+        }
+        store.finish("o", JobStatus::Completed, Some(all.clone().into()), None);
+        assert!(matches!(store.lock()["o"].unread, Unread::OutputTail(3)));
+        assert_eq!(store.take_chunks("o").unwrap().1, all[2..].to_vec());
+        assert!(store.take_chunks("o").unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn chunks_the_output_does_not_hold_are_kept() {
+        let store = JobStore::default();
+        store.insert("f", Duration::from_secs(60)).unwrap();
+        store.push_chunk("f", serde_json::json!({"text": "partial"}));
+        store.finish("f", JobStatus::Failed, None, Some("boom".into()));
+        assert!(matches!(&store.lock()["f"].unread, Unread::Chunks(c) if c.len() == 1));
+        store.insert("g", Duration::from_secs(60)).unwrap();
+        store.push_chunk("g", serde_json::json!({"text": "x", "extra": 1}));
+        let output = serde_json::json!({"text": "x"});
+        store.finish("g", JobStatus::Completed, Some(output), None);
+        assert!(matches!(&store.lock()["g"].unread, Unread::Chunks(c) if c.len() == 1));
+        assert_eq!(store.take_chunks("g").unwrap().1.len(), 1);
     }
 }

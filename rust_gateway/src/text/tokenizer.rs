@@ -95,4 +95,9 @@ impl Decode for TextTokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.inner.decode(ids, true).map_err(|err| err.to_string())
     }
+
+    /// `decode` skips special tokens.
+    fn is_skipped(&self, id: u32) -> bool {
+        self.is_special(id)
+    }
 }

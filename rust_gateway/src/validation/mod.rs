@@ -15,6 +15,9 @@ use crate::served_model::{Limits, ServedModel};
 pub use prompt::PromptInput;
 
 pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop string in bytes: the stop matcher holds back and rescans up to this much text
+/// per token, and no tokenizer's token or chat marker comes near it.
+pub const MAX_STOP_BYTES: usize = 512;
 /// Most alternatives reported per token (OpenAI's `top_logprobs` cap).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// The worker seeds a signed 64-bit generator.
@@ -198,15 +201,36 @@ pub fn top_logprobs(field: &str, n: i64) -> Result<u32, ApiError> {
     u32::try_from(n).map_err(|_| invalid(format!("`{field}` is too large")))
 }
 
-/// Renders and tokenizes the prompt, then checks it and `spec` against the model's limits.
-/// Blocking: long prompts take a while to tokenize.
+/// Renders and tokenizes the prompt, then checks it and `spec` against `limits` (the model's,
+/// clamped to what the worker holds). Blocking: long prompts take a while to tokenize.
 pub fn validate(
     model: &ServedModel,
+    limits: &Limits,
     prompt: PromptInput,
     spec: SamplingSpec,
 ) -> Result<ValidRequest, ApiError> {
+    // Cheap checks first: a request refused for its parameters costs no tokenization.
+    check_stops(&spec.stop)?;
     let ids = prompt.into_ids(model)?;
-    build_request(spec, ids, &model.limits)
+    build_request(spec, ids, limits)
+}
+
+fn check_stops(stop: &[String]) -> Result<(), ApiError> {
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(invalid(format!(
+            "at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
+        )));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(invalid("stop sequences must not be empty"));
+    }
+    if let Some(long) = stop.iter().find(|stop| stop.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!(
+            "stop sequences may be {MAX_STOP_BYTES} bytes long at most (got {})",
+            long.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `spec` against the limits and builds the request for the engine.
@@ -235,14 +259,7 @@ pub fn build_request(
     if let Some(seed) = spec.seed {
         SEED.check(SEED.name, seed)?;
     }
-    if spec.stop.len() > MAX_STOP_SEQUENCES {
-        return Err(invalid(format!(
-            "at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
-        )));
-    }
-    if spec.stop.iter().any(String::is_empty) {
-        return Err(invalid("stop sequences must not be empty"));
-    }
+    check_stops(&spec.stop)?;
     if let Some(truncate) = spec.truncate {
         let keep = usize::try_from(truncate)
             .ok()
@@ -344,6 +361,12 @@ mod tests {
         };
         assert!(stops(vec![String::new()]).contains("stop"));
         assert!(stops(vec!["x".into(); MAX_STOP_SEQUENCES + 1]).contains("at most"));
+        assert!(stops(vec!["x".repeat(MAX_STOP_BYTES + 1)]).contains("bytes long"));
+        let longest = SamplingSpec {
+            stop: vec!["é".repeat(MAX_STOP_BYTES / 2)],
+            ..Default::default()
+        };
+        assert!(build(longest, 3).is_ok());
     }
 
     #[test]

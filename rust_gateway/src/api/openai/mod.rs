@@ -11,13 +11,14 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::extract::OpenAiJson;
+use crate::engine::QueueSlot;
 use crate::error::ApiError;
 use crate::generation::TextStream;
 use crate::openai::{
     ChatRequest, CompletionRequest, OpenAiRequest, OutputOptions, ResponseBuilder,
 };
 use crate::served_model::SharedModel;
-use crate::state::AppState;
+use crate::state::{Admitted, AppState};
 use crate::validation::ValidRequest;
 
 pub use models::{list_models, model_list};
@@ -36,35 +37,59 @@ pub async fn completions(
     respond(&app, body.into_request()?).await
 }
 
-/// A validated request and how to answer it.
+/// A validated request, its place in the queue until it starts, and how to answer it.
 struct Prepared {
     model: SharedModel,
     request: ValidRequest,
     options: OutputOptions,
+    slot: Option<QueueSlot>,
 }
 
 impl Prepared {
-    /// Starts one generation, with a fresh builder for its response.
-    fn start(&self, app: &AppState) -> Result<(ResponseBuilder, TextStream), ApiError> {
-        let builder = ResponseBuilder::new(
+    /// Starts the generation in the queue place taken at admission.
+    fn start(&mut self, app: &AppState) -> Result<(ResponseBuilder, TextStream), ApiError> {
+        let generator = &app.generator;
+        let (model, request) = (self.model.clone(), self.request.clone());
+        let stream = match self.slot.take() {
+            Some(slot) => generator.generate_in(slot, model, request)?,
+            None => generator.generate(model, request)?,
+        };
+        Ok((self.builder(), stream))
+    }
+
+    /// Runs the request again after its worker was lost, with a fresh builder.
+    fn retry(
+        &self,
+        app: &AppState,
+        previous_attempts: u32,
+    ) -> Result<(ResponseBuilder, TextStream), ApiError> {
+        let stream =
+            app.generator
+                .retry(self.model.clone(), self.request.clone(), previous_attempts)?;
+        Ok((self.builder(), stream))
+    }
+
+    fn builder(&self) -> ResponseBuilder {
+        ResponseBuilder::new(
             self.options,
             &self.model.model_id,
             self.request.prompt_ids.len(),
-        );
-        let stream = app
-            .generator
-            .generate(self.model.clone(), self.request.clone())?;
-        Ok((builder, stream))
+        )
     }
 }
 
 async fn respond(app: &AppState, request: OpenAiRequest) -> Result<Response, ApiError> {
     let options = request.options;
-    let (model, request) = app.prepare(request.prompt, request.spec).await?;
+    let Admitted {
+        model,
+        request,
+        slot,
+    } = app.admit(request.prompt, request.spec).await?;
     let prepared = Prepared {
         model,
         request,
         options,
+        slot: Some(slot),
     };
     if options.stream {
         stream::respond(app, prepared).await

@@ -73,7 +73,7 @@ impl ChunkStream {
 /// The stream's last event, as OpenAI sends it.
 const DONE: &str = "[DONE]";
 
-pub async fn respond(app: &AppState, prepared: Prepared) -> Result<Response, ApiError> {
+pub async fn respond(app: &AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
     let (builder, stream) = prepared.start(app)?;
     let mut chunks = ChunkStream {
         model: prepared.model,

@@ -4,7 +4,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::Prepared;
-use crate::api::RETRIES_AFTER_WORKER_LOST;
 use crate::engine::EngineError;
 use crate::error::ApiError;
 use crate::generation::TextStream;
@@ -12,12 +11,15 @@ use crate::openai::ResponseBuilder;
 use crate::served_model::SharedModel;
 use crate::state::AppState;
 
-pub async fn respond(app: &AppState, prepared: Prepared) -> Result<Response, ApiError> {
-    let mut retries = 0;
+/// The client has seen nothing yet, so a request whose worker died simply runs again; the
+/// engine's attempt limit ends this (`Crashed`).
+pub async fn respond(app: &AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
+    let (mut builder, mut stream) = prepared.start(app)?;
     loop {
-        let (mut builder, mut stream) = prepared.start(app)?;
         match drain(&prepared.model, &mut stream, &mut builder).await {
-            Err(EngineError::WorkerLost) if retries < RETRIES_AFTER_WORKER_LOST => retries += 1,
+            Err(EngineError::WorkerLost) => {
+                (builder, stream) = prepared.retry(app, stream.attempts())?
+            }
             Err(error) => return Err(error.into()),
             Ok(()) => return Ok(Json(builder.response()?).into_response()),
         }
