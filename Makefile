@@ -1,5 +1,5 @@
 # The two commands of the README, plus the pieces they are made of.
-.PHONY: setup serve test test-rust test-python lint gateway
+.PHONY: setup serve test test-image test-rust test-python lint gateway
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,7 @@ serve: setup
 
 test: setup
 	bash scripts/test.sh
+
+# The image alone: built from the Dockerfile by a real Docker engine and run.
+test-image: setup
+	bash scripts/test_image.sh

