@@ -274,7 +274,12 @@ def gateway_command(args: argparse.Namespace, port: int) -> list[str]:
 
 def quiet_env() -> dict[str, str]:
     # Logging every request would measure the terminal, not the server.
-    return dict(os.environ) | {"RUST_LOG": "warn", "PYTHONUNBUFFERED": "1"}
+    # The stub worker's STUB_* settings must pass the gateway's worker environment allowlist.
+    return dict(os.environ) | {
+        "RUST_LOG": "warn",
+        "PYTHONUNBUFFERED": "1",
+        "THAW_WORKER_ENV_PASS": "STUB_*",
+    }
 
 
 @contextmanager

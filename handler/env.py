@@ -60,6 +60,23 @@ class EnvReader:
             raise SettingsError(f"{name} must be {kind}, got {raw!r}")
         return value
 
+    def options(self, name: str) -> dict[str, str | None]:
+        """A comma-separated list of `key` or `key=value` items ("a,b=1" -> {a: None, b: "1"});
+        empty when unset. Each key at most once."""
+        raw = self.raw(name)
+        options: dict[str, str | None] = {}
+        for item in (raw or "").split(","):
+            key, sep, value = item.strip().partition("=")
+            key = key.strip()
+            if not key:
+                if item.strip():
+                    raise SettingsError(f"{name}: {item.strip()!r} has no name")
+                continue
+            if key in options:
+                raise SettingsError(f"{name}: {key} is given twice")
+            options[key] = value.strip() if sep else None
+        return options
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self.raw(name)
         if raw is None:

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from handler.engine.faults import crash
 from handler.env import SettingsError
 from handler.protocol import (
     PROTOCOL_VERSION,
@@ -85,6 +86,11 @@ def main() -> int:
         return 1
     conn = FrameSocket.connect(settings.socket_path)
     handshake(conn)
+    faults = settings.engine.fault_injection
+    if faults is not None:
+        log(f"fault injection on (THAW_FAULT_INJECT={faults.describe()}): for tests only")
+        if faults.crash_at_start:
+            crash()
     inbox = Inbox(conn)
     inbox.start()
     try:
@@ -144,6 +150,14 @@ def submit(engine: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
         return message("error", id=max(request_id, 0), message=str(exc))
 
 
+def send_failures(conn: FrameSocket, outputs: list[Any]) -> None:
+    """An `error` frame for each request that failed alone in this step; it is finished."""
+    for o in outputs:
+        if o.error is not None:
+            log(f"request {o.request_id} failed: {o.error}")
+            conn.send(message("error", id=o.request_id, message=o.error))
+
+
 def serve(engine: Any, conn: FrameSocket, inbox: Inbox) -> int:
     step = 0
     last_stats = 0.0
@@ -175,6 +189,8 @@ def serve(engine: Any, conn: FrameSocket, inbox: Inbox) -> int:
                 log(f"ignoring unexpected {kind!r} frame")
             frame = inbox.get(0.0)
         if engine.has_unfinished():
+            # An exception here is one no request can be blamed for: it ends the worker, and
+            # the gateway restarts it (the engine fails a request alone when it can).
             outputs = engine.step()
             step += 1
             if outputs:
@@ -183,8 +199,12 @@ def serve(engine: Any, conn: FrameSocket, inbox: Inbox) -> int:
                         o.request_id, o.token_id, o.logprob, o.top_logprobs, o.finish_reason
                     )
                     for o in outputs
+                    if o.error is None
                 ]
-                conn.send(message("outputs", step=step, items=items))
+                if items:
+                    conn.send(message("outputs", step=step, items=items))
+                if len(items) < len(outputs):
+                    send_failures(conn, outputs)
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
             last_stats = now

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from handler.engine.config import DEVICE_AUTO, EngineConfig
+from handler.engine.faults import FaultInjection
 from handler.env import EnvReader, SettingsError
 
 
@@ -27,6 +28,13 @@ class WorkerSettings:
                 "the worker needs THAW_SOCKET and THAW_SNAPSHOT (set by the gateway)"
             )
         defaults = EngineConfig()
+        faults = None
+        fault_options = read.options("THAW_FAULT_INJECT")
+        if fault_options:
+            try:
+                faults = FaultInjection.from_options(fault_options)
+            except ValueError as exc:
+                raise SettingsError(f"THAW_FAULT_INJECT: {exc}") from None
         try:
             engine = EngineConfig(
                 device=read.text("THAW_DEVICE", DEVICE_AUTO),
@@ -47,6 +55,7 @@ class WorkerSettings:
                 cpu_kernels=read.flag("THAW_CPU_KERNELS", defaults.cpu_kernels),
                 # The warm profile is read from and recorded in the served snapshot.
                 snapshot_dir=snapshot,
+                fault_injection=faults,
             )
         except ValueError as exc:
             if isinstance(exc, SettingsError):

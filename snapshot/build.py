@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from typing import Any
 
 from snapshot import manifest as mf
 from snapshot.errors import SnapshotError
+from snapshot.swap import replace_directory
 from snapshot.writer import DEFAULT_SHARD_BYTES, plan_shards, write_shard
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -55,17 +55,6 @@ def build_snapshot(request: BuildRequest) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Put `new` at `target` with renames only, so a reader sees the old or the new, never half."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_tokenizer(staging: Path, tokenizer: Any) -> None:

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from",
         dest="source",
         default="default",
-        help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory or a .gguf",
+        help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma 3 270M), a Hugging Face "
+        "directory or hub cache entry (models--ORG--NAME), or a .gguf file",
     )
     build.add_argument("--out", required=True, type=Path, help="snapshot directory to create")
     build.add_argument("--dtype", default="bfloat16", choices=DTYPES)
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pull = sub.add_parser("pull", help="download a snapshot from S3, verified, all or nothing")
     pull.add_argument("url", help="s3://bucket/prefix")
     pull.add_argument("directory", type=Path)
+    pull.add_argument(
+        "--expect-manifest-sha256",
+        metavar="SHA256",
+        help="refuse the pull unless manifest.json has this sha256 (push prints it)",
+    )
     _add_transfer_options(pull)
 
 
@@ -137,7 +143,9 @@ def _transfer(args: argparse.Namespace) -> int:
     if args.snapshot_command == "push":
         report = s3.push(args.directory, location, settings)
     else:
-        report = s3.pull(location, args.directory, settings)
+        report = s3.pull(location, args.directory, settings, args.expect_manifest_sha256)
+    # The digest to pin with --expect-manifest-sha256 or THAW_SNAPSHOT_SHA256.
+    print(f"manifest sha256: {report.manifest_sha256}")
     print(
         f"{args.snapshot_command}: {len(report.transferred)} files"
         f" ({report.bytes_transferred:,} bytes) transferred, {len(report.skipped)} already there"

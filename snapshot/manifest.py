@@ -79,19 +79,35 @@ def parse_manifest(value: Any) -> dict[str, Any]:
     if not isinstance(files, list) or not all(_is_file_entry(f) for f in files):
         raise SnapshotError(f"{MANIFEST}: 'files' is not a list of {{name, size, sha256}}")
     for entry in files:
-        # Names come from a possibly remote manifest: keep them inside the snapshot directory.
-        name = entry["name"]
-        if name != os.path.basename(name) or name in ("", ".", "..", MANIFEST):
-            raise SnapshotError(f"{MANIFEST}: file name {name!r} is not allowed")
+        _check_name("file name", entry["name"])
     tensors = value.get("tensors")
     if not isinstance(tensors, dict) or not all(
         isinstance(t, dict) and isinstance(t.get("file"), str) for t in tensors.values()
     ):
         raise SnapshotError(f"{MANIFEST}: 'tensors' is not an object of {{file, dtype, shape}}")
+    # Tensor files are opened and mapped by the loader: the same rule, and each must be one of
+    # the checksummed files, so nothing is read that the manifest does not vouch for.
+    listed = {entry["name"] for entry in files}
+    for name in sorted({t["file"] for t in tensors.values()}):
+        _check_name("tensor file", name)
+        if name not in listed:
+            raise SnapshotError(f"{MANIFEST}: tensor file {name!r} is not listed in 'files'")
     for key in ("architecture", "dtype"):
         if not isinstance(value.get(key), str):
             raise SnapshotError(f"{MANIFEST}: '{key}' is missing")
     return value
+
+
+def _check_name(kind: str, name: str) -> None:
+    """Names come from a possibly remote manifest: a plain name inside the snapshot directory
+    (no separator, no parent, not absolute, not the manifest itself)."""
+    if name != os.path.basename(name) or name in ("", ".", "..", MANIFEST) or "\0" in name:
+        raise SnapshotError(f"{MANIFEST}: {kind} {name!r} is not allowed")
+
+
+def manifest_sha256(raw: bytes) -> str:
+    """The digest that pins a snapshot: manifest.json's bytes hold every file's sha256."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def load_manifest(directory: Path) -> dict[str, Any]:

@@ -4,12 +4,18 @@ boto3's managed transfers do the parallel work: multipart uploads, and ranged GE
 `concurrency` at a time in `part_size` pieces. Configuration is boto3's own (AWS_ENDPOINT_URL,
 AWS_PROFILE, the credentials chain). What this module adds: checksums against the manifest,
 skipping what is already there, and an all-or-nothing directory at the end of a pull.
+
+Trust: the manifest holds every file's sha256, so a pull checks each file against it; but whoever
+can write the bucket can write the manifest too. Pinning the manifest's own sha256 (printed by
+push; `pull --expect-manifest-sha256`, THAW_SNAPSHOT_SHA256 for `thaw serve`) closes that: a
+manifest with another digest is refused before anything is downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -18,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from snapshot import manifest as mf
-from snapshot.build import replace_directory
 from snapshot.errors import SnapshotError
+from snapshot.swap import replace_directory
 
 SHA256_METADATA = "sha256"
 
@@ -56,6 +62,15 @@ class TransferReport:
     transferred: list[str]
     skipped: list[str]
     bytes_transferred: int
+    manifest_sha256: str = ""  # of the manifest pushed or pulled: the digest to pin
+
+
+def parse_sha256(text: str) -> str:
+    """A sha256 as 64 hex digits (any case, an optional "sha256:" prefix); lower case."""
+    digest = text.strip().removeprefix("sha256:").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise SnapshotError(f"{text!r} is not a sha256 (64 hex digits)")
+    return digest
 
 
 def push(directory: Path, location: S3Location, settings: TransferSettings) -> TransferReport:
@@ -69,10 +84,11 @@ def push(directory: Path, location: S3Location, settings: TransferSettings) -> T
     problems = verify_snapshot(directory)
     if problems:
         raise SnapshotError(f"{directory}: does not verify, not pushing ({problems[0]})")
+    raw = (directory / mf.MANIFEST).read_bytes()
     manifest = mf.load_manifest(directory)
     client, config = _client(settings)
     _call(f"bucket {location.bucket}", client.head_bucket, Bucket=location.bucket)
-    report = TransferReport([], [], 0)
+    report = TransferReport([], [], 0, mf.manifest_sha256(raw))
     todo = []
     for entry in manifest["files"]:
         if _remote_matches(client, location, entry):
@@ -95,36 +111,51 @@ def push(directory: Path, location: S3Location, settings: TransferSettings) -> T
             )
             report.transferred.append(entry["name"])
             report.bytes_transferred += entry["size"]
+    # The bytes read above, not the file again: the digest printed is of what was uploaded.
     _call(
         location.url(mf.MANIFEST),
-        client.upload_file,
-        str(directory / mf.MANIFEST),
-        location.bucket,
-        location.key(mf.MANIFEST),
-        Config=config,
+        client.put_object,
+        Bucket=location.bucket,
+        Key=location.key(mf.MANIFEST),
+        Body=raw,
     )
     return report
 
 
-def pull(location: S3Location, directory: Path, settings: TransferSettings) -> TransferReport:
-    """Download into a staging directory beside `directory`, verify, then rename into place.
+def pull(
+    location: S3Location,
+    directory: Path,
+    settings: TransferSettings,
+    expect_manifest_sha256: str | None = None,
+) -> TransferReport:
+    """Download into a staging directory beside `directory`, verify, then swap it into place.
 
+    expect_manifest_sha256: refuse a manifest.json with another sha256 before anything is
+    downloaded (a tampered bucket, or another snapshot than the one pinned).
     The staging directory survives a failure, so the next pull resumes: files there (or in an
-    existing `directory`) whose sha256 matches the manifest are not downloaded again.
+    existing `directory`) whose sha256 matches the manifest are not downloaded again. Until the
+    swap (snapshot.swap) `directory` is untouched; the swap leaves no moment without it.
     """
+    expected = None if expect_manifest_sha256 is None else parse_sha256(expect_manifest_sha256)
     client, config = _client(settings)
     raw = _call(location.url(mf.MANIFEST), _get_bytes, client, location, mf.MANIFEST)
+    digest = mf.manifest_sha256(raw)
+    if expected is not None and digest != expected:
+        raise SnapshotError(
+            f"{location.url(mf.MANIFEST)}: sha256 {digest} is not the expected {expected}"
+            f" (tampered with, or another snapshot); {directory} left as it was"
+        )
     try:
         manifest = mf.parse_manifest(json.loads(raw))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"{location.url(mf.MANIFEST)}: not valid JSON ({exc})") from exc
     if _up_to_date(directory, raw, manifest):
         names = [entry["name"] for entry in manifest["files"]]
-        return TransferReport([], names, 0)
+        return TransferReport([], names, 0, digest)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.pull-partial")
     staging.mkdir(exist_ok=True)
-    report = TransferReport([], [], 0)
+    report = TransferReport([], [], 0, digest)
     todo = []
     for entry in manifest["files"]:
         if _local_matches(staging / entry["name"], entry):
@@ -140,8 +171,20 @@ def pull(location: S3Location, directory: Path, settings: TransferSettings) -> T
             report.transferred.append(entry["name"])
             report.bytes_transferred += entry["size"]
     (staging / mf.MANIFEST).write_bytes(raw)
+    _remove_unlisted(staging, manifest)
     replace_directory(staging, directory)
     return report
+
+
+def _remove_unlisted(staging: Path, manifest: dict[str, Any]) -> None:
+    """Drop what an earlier, interrupted pull (maybe of another manifest) left in staging."""
+    wanted = {entry["name"] for entry in manifest["files"]} | {mf.MANIFEST}
+    for path in staging.iterdir():
+        if path.name not in wanted:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _up_to_date(directory: Path, raw_manifest: bytes, manifest: dict[str, Any]) -> bool:

@@ -35,7 +35,8 @@ def _check_files(directory: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """File name -> its problem, for every file that is missing, truncated or corrupted."""
     damaged = {}
     listed = {entry["name"] for entry in manifest["files"]}
-    for name in (*mf.REQUIRED_FILES, *mf.weight_files(manifest)):
+    # Weight files are listed, or the manifest did not load (manifest.parse_manifest).
+    for name in mf.REQUIRED_FILES:
         if name not in listed:
             damaged[name] = f"{name}: missing from {mf.MANIFEST}"
     for entry in manifest["files"]:

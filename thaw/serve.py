@@ -72,12 +72,19 @@ def resolve_snapshot(uri: str) -> str:
                 "`thaw snapshot build --from default --out DIR`"
             )
         return str(path.resolve())
+    from snapshot.errors import SnapshotError
     from snapshot.s3 import S3Location, TransferSettings, pull
 
+    env = EnvReader(os.environ)
     default_cache = Path.home() / ".cache" / "thaw" / "snapshots" / "pulled"
-    target = Path(os.environ.get("THAW_SNAPSHOT_CACHE", str(default_cache)))
-    # Resumable: files already present and verified are not downloaded again.
-    pull(S3Location.parse(uri), target, TransferSettings())
+    target = Path(env.text("THAW_SNAPSHOT_CACHE", str(default_cache)))
+    # Pinned: a bucket whose manifest is not this one is refused before anything is fetched.
+    expected = env.optional_text("THAW_SNAPSHOT_SHA256")
+    try:
+        # Resumable: files already present and verified are not downloaded again.
+        pull(S3Location.parse(uri), target, TransferSettings(), expected)
+    except SnapshotError as exc:
+        raise SystemExit(f"thaw serve: {exc}") from None
     return str(target.resolve())
 
 

@@ -36,7 +36,10 @@ def gateway_listening(url: str, timeout_s: float = 0.5) -> bool:
 def gateway_command(config: HandlerConfig) -> list[str]:
     if config.gateway_cmd:
         return list(config.gateway_cmd)
+    # Only this handler talks to the gateway it starts: it listens on loopback whatever HOST the
+    # image sets, so it needs no API key and is never reachable from outside.
     cmd = [sys.executable, "-m", "thaw.cli", "serve", "--port", str(config.gateway_port)]
+    cmd += ["--host", "127.0.0.1"]
     if config.snapshot:
         cmd += ["--snapshot", config.snapshot]
     return cmd

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from handler.engine.config import EngineConfig
+from handler.engine.faults import FaultInjection
 from handler.env import EnvReader, SettingsError
 from handler.worker_settings import WorkerSettings
 
@@ -87,3 +88,38 @@ def test_a_torch_dtype_is_taken_by_name():
     import torch
 
     assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"
+
+
+def test_option_lists():
+    read = EnvReader({"O": " a, b=1 ,c=", "E": "", "D": "a,a=2", "N": "=3"})
+    assert read.options("O") == {"a": None, "b": "1", "c": ""}
+    assert read.options("E") == {} and read.options("UNSET") == {}
+    with pytest.raises(SettingsError, match="D: a is given twice"):
+        read.options("D")
+    with pytest.raises(SettingsError, match="N: '=3' has no name"):
+        read.options("N")
+
+
+def test_fault_injection_is_off_unless_set():
+    assert WorkerSettings.from_env(BASE).engine.fault_injection is None
+    env = {**BASE, "THAW_FAULT_INJECT": "nan_logits_token=42, crash_token=7,crash_at_start"}
+    faults = WorkerSettings.from_env(env).engine.fault_injection
+    assert faults == FaultInjection(nan_logits_token=42, crash_token=7, crash_at_start=True)
+    assert faults.in_engine
+    assert faults.describe() == "nan_logits_token=42,crash_token=7,crash_at_start"
+    only_start = WorkerSettings.from_env({**BASE, "THAW_FAULT_INJECT": "crash_at_start"})
+    assert not only_start.engine.fault_injection.in_engine
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan_logits_token", "nan_logits_token needs a token id"),
+        ("crash_token=-1", "crash_token needs a token id"),
+        ("crash_at_start=1", "crash_at_start takes no value"),
+        ("explode", "unknown fault 'explode'"),
+    ],
+)
+def test_bad_fault_injection_names_the_variable(value, message):
+    with pytest.raises(SettingsError, match=f"THAW_FAULT_INJECT: {message}"):
+        WorkerSettings.from_env({**BASE, "THAW_FAULT_INJECT": value})

@@ -291,3 +291,76 @@ def test_worker_builds_the_engine_from_snapshot_builds(tiny_snapshot: Path, tmp_
     assert ready["block_size"] == engine.config.block_size
     assert ready["max_running"] == engine.config.max_num_seqs == 8
     assert ready["model"] == engine.model_name
+
+
+# ------------------------------------------------------------ fault injection (THAW_FAULT_INJECT)
+POISON = 77
+
+
+def test_a_request_with_nan_logits_fails_alone(tiny_snapshot: Path) -> None:
+    gw = FakeGateway(tiny_snapshot, {"THAW_FAULT_INJECT": f"nan_logits_token={POISON}"})
+    try:
+        gw.start()
+        long_params = {**PARAMS, "max_new_tokens": 12}
+        gw.conn.send(message("submit", id=1, prompt=PROMPTS[0], params=long_params))
+        gw.conn.send(message("submit", id=2, prompt=[1, 5, POISON, 9], params=PARAMS))
+        gw.conn.send(message("submit", id=3, prompt=PROMPTS[1], params=long_params))
+        results = gw.collect({1, 2, 3})
+        assert "non-finite logits" in results[2]["error"] and results[2]["tokens"] == []
+        for i, prompt in ((1, PROMPTS[0]), (3, PROMPTS[1])):
+            assert results[i]["error"] is None and results[i]["finish"] == "length"
+            assert results[i]["tokens"] == reference_greedy(tiny_snapshot, prompt, 12)
+        # The worker keeps serving, and every KV block came back.
+        gw.conn.send(message("submit", id=4, prompt=PROMPTS[2], params=PARAMS))
+        assert gw.collect({4})[4]["finish"] == "length"
+        stats = gw.conn.recv()
+        while stats["t"] != "stats" or stats["running"]:
+            stats = gw.conn.recv()
+        assert stats["kv_used"] == 0
+        assert gw.close() == 0
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()
+
+
+def test_a_poison_request_kills_the_worker_when_scheduled(tiny_snapshot: Path) -> None:
+    gw = FakeGateway(tiny_snapshot, {"THAW_FAULT_INJECT": f"crash_token={POISON}"})
+    try:
+        gw.start()
+        gw.conn.send(message("submit", id=1, prompt=PROMPTS[0], params=PARAMS))
+        assert gw.collect({1})[1]["finish"] == "length"  # the worker serves until then
+        gw.conn.send(message("submit", id=2, prompt=[1, POISON], params=PARAMS))
+        assert gw.proc.wait(timeout=60) == 70
+        with pytest.raises(EOFError):
+            while True:
+                msg = gw.conn.recv()
+                assert msg["t"] == "stats", msg  # nothing about request 2
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()
+
+
+def test_crash_at_start_exits_before_ready(tiny_snapshot: Path) -> None:
+    gw = FakeGateway(tiny_snapshot, {"THAW_FAULT_INJECT": "crash_at_start"})
+    try:
+        assert gw.conn.recv()["t"] == "hello"
+        gw.conn.send(message("welcome", version=PROTOCOL_VERSION))
+        assert gw.proc.wait(timeout=60) == 70
+        with pytest.raises(EOFError):
+            gw.conn.recv()
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()
+
+
+def test_a_bad_fault_injection_setting_stops_the_worker(tiny_snapshot: Path) -> None:
+    env = dict(os.environ, THAW_SOCKET="/nonexistent", THAW_SNAPSHOT=str(tiny_snapshot))
+    env["THAW_FAULT_INJECT"] = "explode"
+    done = subprocess.run(
+        [sys.executable, "-m", "handler.worker"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "THAW_FAULT_INJECT: unknown fault 'explode'" in done.stderr

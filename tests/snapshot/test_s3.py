@@ -140,3 +140,108 @@ def test_push_to_a_missing_bucket(
     code, _, err = run(capsys, "push", str(tiny_llama_snapshot), "s3://no-such-bucket/x")
     assert code == 1
     assert err.strip().splitlines()[-1] == "error: bucket no-such-bucket: not found"
+
+
+# ------------------------------------------------- pinning the manifest, and the swap into place
+
+
+def manifest_digest(directory: Path) -> str:
+    return hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_push_prints_the_digest_and_pull_checks_it(
+    s3, tiny_llama_snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"s3://{BUCKET}/pinned"
+    digest = manifest_digest(tiny_llama_snapshot)
+    code, out, err = run(capsys, "push", str(tiny_llama_snapshot), url)
+    assert code == 0, err
+    assert f"manifest sha256: {digest}\n" in out
+
+    # A wrong pin: refused before anything is fetched; the target is not created.
+    target = tmp_path / "snap"
+    wrong = "0" * 64
+    code, out, err = run(capsys, "pull", url, str(target), "--expect-manifest-sha256", wrong)
+    assert code == 1
+    assert err.strip() == (
+        f"error: {url}/manifest.json: sha256 {digest} is not the expected {wrong}"
+        f" (tampered with, or another snapshot); {target} left as it was"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    code, out, err = run(capsys, "pull", url, str(target), "--expect-manifest-sha256", "nope")
+    assert code == 1 and err.strip() == "error: 'nope' is not a sha256 (64 hex digits)"
+
+    # The right pin (as printed, or upper case with a prefix) pulls.
+    code, out, err = run(capsys, "pull", url, str(target), "--expect-manifest-sha256", digest)
+    assert code == 0, err
+    assert f"manifest sha256: {digest}\n" in out
+    assert files_of(target) == files_of(tiny_llama_snapshot)
+    pin = f"sha256:{digest.upper()}"
+    assert run(capsys, "pull", url, str(target), "--expect-manifest-sha256", pin)[0] == 0
+
+
+def test_a_tampered_bucket_is_refused_and_the_old_snapshot_kept(
+    s3, tiny_llama_snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whoever writes the bucket rewrites a file and the manifest to match: the checksums pass,
+    the pin does not."""
+    url = f"s3://{BUCKET}/tampered"
+    digest = manifest_digest(tiny_llama_snapshot)
+    assert run(capsys, "push", str(tiny_llama_snapshot), url)[0] == 0
+    target = tmp_path / "snap"
+    assert run(capsys, "pull", url, str(target), "--expect-manifest-sha256", digest)[0] == 0
+    before = files_of(target)
+
+    manifest = json.loads((tiny_llama_snapshot / "manifest.json").read_text())
+    evil = b'{"model": "evil"}'
+    for entry in manifest["files"]:
+        if entry["name"] == "tokenizer.json":
+            entry["size"], entry["sha256"] = len(evil), hashlib.sha256(evil).hexdigest()
+    s3.put_object(Bucket=BUCKET, Key="tampered/tokenizer.json", Body=evil)
+    s3.put_object(Bucket=BUCKET, Key="tampered/manifest.json", Body=json.dumps(manifest))
+
+    code, _, err = run(capsys, "pull", url, str(target), "--expect-manifest-sha256", digest)
+    assert code == 1 and "is not the expected" in err
+    assert files_of(target) == before
+    assert not (tmp_path / ".snap.pull-partial").exists()
+
+
+def test_an_interrupted_pull_leaves_the_old_snapshot_in_place(
+    s3,
+    tiny_llama_snapshot: Path,
+    big_snapshot: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from snapshot import s3 as s3_module
+
+    old_url, new_url = f"s3://{BUCKET}/swap/old", f"s3://{BUCKET}/swap/new"
+    assert run(capsys, "push", str(tiny_llama_snapshot), old_url)[0] == 0
+    assert run(capsys, "push", str(big_snapshot), new_url)[0] == 0
+    target = tmp_path / "snap"
+    assert run(capsys, "pull", old_url, str(target))[0] == 0
+    old_files = files_of(target)
+
+    real_download = s3_module._download
+    calls = 0
+
+    def interrupted(*args, **kwargs) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or the container stopped, mid-pull
+        real_download(*args, **kwargs)
+
+    monkeypatch.setattr(s3_module, "_download", interrupted)
+    assert run(capsys, "pull", new_url, str(target))[0] == 130
+    assert files_of(target) == old_files
+    assert verify_snapshot(target) == []
+    # Not monkeypatch.undo(): that would also drop the variables pointing boto3 at moto.
+    monkeypatch.setattr(s3_module, "_download", real_download)
+
+    code, out, err = run(capsys, "pull", new_url, str(target))
+    assert code == 0, err
+    assert files_of(target) == files_of(big_snapshot)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]

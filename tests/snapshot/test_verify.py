@@ -55,10 +55,13 @@ def drop_tensor(d: Path) -> None:
     rewrite_manifest_checksums(d)
 
 
-def unlist_weights(d: Path) -> None:
-    manifest = json.loads((d / "manifest.json").read_text())
-    manifest["files"] = [f for f in manifest["files"] if f["name"] != "model.safetensors"]
-    (d / "manifest.json").write_text(json.dumps(manifest))
+def unlist(name: str) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest["files"] = [f for f in manifest["files"] if f["name"] != name]
+        (d / "manifest.json").write_text(json.dumps(manifest))
+
+    return apply
 
 
 def set_format_version(d: Path) -> None:
@@ -89,7 +92,16 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         f"model.safetensors: tensor {Q_PROJ} is float32, the snapshot dtype is bfloat16",
     ),
     ("missing tensor", drop_tensor, f"model.safetensors: tensor {Q_PROJ} is missing"),
-    ("weights not checksummed", unlist_weights, "model.safetensors: missing from manifest.json"),
+    (
+        "weights not checksummed",
+        unlist("model.safetensors"),
+        "manifest.json: tensor file 'model.safetensors' is not listed in 'files'",
+    ),
+    (
+        "required file not checksummed",
+        unlist("config.json"),
+        "config.json: missing from manifest.json",
+    ),
     ("unknown manifest version", set_format_version, "manifest.json: unknown format_version 99"),
     (
         "garbage manifest",

@@ -133,6 +133,11 @@ def gateway_env(snapshot: Path, port: int, **overrides: str) -> dict[str, str]:
             "THAW_RESTART_BACKOFF_MS": "50",
             "THAW_SHUTDOWN_GRACE_S": "10",
             "PYTHONPATH": str(ROOT),
+            # The worker gets an allowlisted environment; the stub's settings are STUB_*.
+            "THAW_WORKER_ENV_PASS": "STUB_*",
+            # Webhooks to the tests' loopback recorders only, even if the address checks broke.
+            "THAW_WEBHOOK_ALLOWLIST_ONLY": "true",
+            "THAW_WEBHOOK_ALLOW": "127.0.0.1",
         }
     )
     env.update(overrides)

@@ -14,6 +14,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,3 +123,17 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(
+    env: dict[str, str], snapshot: Path | None = None, ready_timeout: float = 120.0
+) -> Iterator[Server]:
+    """A `thaw serve` of the snapshot (default: the default model) with `env`, ready, and
+    stopped on the way out."""
+    server = Server(snapshot or ensure_default_snapshot(), env=env).start()
+    try:
+        server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        server.stop()

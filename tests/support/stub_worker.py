@@ -12,10 +12,15 @@ are deterministic and decode to a known text. Behaviour is set by environment va
   STUB_FAIL_AT_START       when "1": print an error, send `fatal`, exit 1
   STUB_CRASH_AFTER_SUBMITS exit abruptly when this many submits arrived...
   STUB_CRASH_ONCE_FILE     ...but only if this file does not exist yet (it is created)
+  STUB_CRASH_ON_MAX_TOKENS exit abruptly on every submit whose max_new_tokens is this (a poison
+                           request that kills each worker it reaches)
+  STUB_CRASH_AFTER_READY_S exit abruptly this many seconds after `ready` (a crash loop)
+  STUB_ENV_FILE            write the environment the stub was started with there (JSON)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import sys
@@ -45,6 +50,8 @@ class StubConfig:
     fail_at_start: bool
     crash_after_submits: int
     crash_once_file: str
+    crash_on_max_tokens: int
+    crash_after_ready_s: float
 
     @classmethod
     def from_env(cls) -> StubConfig:
@@ -59,6 +66,8 @@ class StubConfig:
             fail_at_start=env.get("STUB_FAIL_AT_START") == "1",
             crash_after_submits=int(env.get("STUB_CRASH_AFTER_SUBMITS", "0")),
             crash_once_file=env.get("STUB_CRASH_ONCE_FILE", ""),
+            crash_on_max_tokens=int(env.get("STUB_CRASH_ON_MAX_TOKENS", "0")),
+            crash_after_ready_s=float(env.get("STUB_CRASH_AFTER_READY_S", "0")),
         )
 
 
@@ -81,6 +90,14 @@ class StubEngine:
         """Admit a submit; returns an `error` message when it is refused."""
         self.submits += 1
         self.maybe_crash()
+        poison = self.config.crash_on_max_tokens
+        if poison and msg.get("params", {}).get("max_new_tokens") == poison:
+            print(
+                f"stub: crashing on a poison request (max_new_tokens={poison})",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(18)
         problem = None
         try:
             _prompt, sampling = sampling_params(msg)
@@ -160,8 +177,17 @@ def start_up(sock: FrameSocket, config: StubConfig, started: float) -> None:
 
 
 def serve(sock: FrameSocket, engine: StubEngine) -> int:
+    crash_at = None
+    if engine.config.crash_after_ready_s:
+        crash_at = time.monotonic() + engine.config.crash_after_ready_s
     while True:
         timeout = engine.config.token_delay_s if engine.requests else None
+        if crash_at is not None:
+            left = crash_at - time.monotonic()
+            if left <= 0:
+                print("stub: crashing (STUB_CRASH_AFTER_READY_S)", file=sys.stderr, flush=True)
+                os._exit(19)
+            timeout = left if timeout is None else min(timeout, left)
         readable, _, _ = select.select([sock.sock], [], [], timeout)
         if readable:
             msg = sock.recv()
@@ -177,9 +203,16 @@ def serve(sock: FrameSocket, engine: StubEngine) -> int:
             sock.send(message("outputs", step=engine.step, items=engine.run_step()))
 
 
+def write_env(path: str) -> None:
+    """The environment this process got, for tests of what the gateway passes to its worker."""
+    Path(path).write_text(json.dumps(dict(os.environ)))
+
+
 def main() -> int:
     started = time.monotonic()
     config = StubConfig.from_env()
+    if os.environ.get("STUB_ENV_FILE"):
+        write_env(os.environ["STUB_ENV_FILE"])
     sock = FrameSocket.connect(os.environ["THAW_SOCKET"])
     start_up(sock, config, started)
     try:
