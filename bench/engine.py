@@ -241,8 +241,9 @@ def _hf_model(hf_config: dict[str, Any], weights: dict[str, torch.Tensor] | None
     import transformers
 
     arch = hf_config["architectures"][0]
-    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    config = config_class.from_dict(hf_config)
+    # The model class's own config class: Gemma3ForCausalLM's is Gemma3TextConfig, not the
+    # multimodal Gemma3Config its name suggests.
+    config = getattr(transformers, arch).config_class.from_dict(hf_config)
     model = getattr(transformers, arch)._from_config(config, attn_implementation="sdpa")
     model = model.to(dtype).eval()
     if weights is not None:
@@ -423,13 +424,16 @@ def _replay_linear(
 ) -> float:
     layers, lm_head = linear
     intermediate = layers[0][6].shape[1]
+    # The attention output's width: heads * head_dim, which is not the hidden size everywhere.
+    attended = layers[0][3].shape[1]
     with torch.inference_mode():
         start = time.perf_counter()
         for tokens, sampled in steps:
             x = torch.randn(tokens, hidden, dtype=dtype)
             act = torch.randn(tokens, intermediate, dtype=dtype)
+            heads = torch.randn(tokens, attended, dtype=dtype)
             for q, k, v, o, gate, up, down in layers:
-                F.linear(x, q), F.linear(x, k), F.linear(x, v), F.linear(x, o)
+                F.linear(x, q), F.linear(x, k), F.linear(x, v), F.linear(heads, o)
                 F.linear(x, gate), F.linear(x, up), F.linear(act, down)
             if sampled:
                 F.linear(x[:sampled], lm_head)
@@ -480,13 +484,15 @@ def _replay_packed(
 ) -> float:
     layers, lm_head = linear
     intermediate = layers[0][3].in_features
+    attended = layers[0][1].in_features
     with torch.inference_mode():
         start = time.perf_counter()
         for tokens, sampled in steps:
             x = torch.randn(tokens, hidden, dtype=dtype)
             act = torch.randn(tokens, intermediate, dtype=dtype)
+            heads = torch.randn(tokens, attended, dtype=dtype)
             for qkv, o, gate_up, down in layers:
-                qkv(x), o(x), gate_up(x), down(act)
+                qkv(x), o(heads), gate_up(x), down(act)
             if sampled:
                 lm_head(x[:sampled])
         return time.perf_counter() - start

@@ -54,10 +54,13 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the budget le
 
 # 1. Correctness on CUDA: the Triton kernels compiled (not interpreted) against the reference,
 #    the warm-up package (capture runs on the real CUDA graph path there), and the engine's own
-#    CUDA start: KV sized from free memory, decode graphs captured and replayed.
-step "pytest" 180 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/handler/attention/test_triton_paged.py tests/warmup/test_kv_sizing.py tests/warmup/test_cuda_graphs.py \
-  tests/warmup/test_warm_profile.py tests/warmup/test_warm_start.py tests/handler/engine/test_gpu_path.py
+#    CUDA start: KV sized from free memory, decode graphs captured and replayed; the windowed and
+#    soft-capped attention and the grouped MoE kernel of the newer families.
+step "pytest" 240 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/handler/attention/test_triton_paged.py tests/handler/attention/test_features.py \
+  tests/handler/model/test_moe_triton.py tests/warmup/test_kv_sizing.py \
+  tests/warmup/test_cuda_graphs.py tests/warmup/test_warm_profile.py \
+  tests/warmup/test_warm_start.py tests/handler/engine/test_gpu_path.py
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 1 >"$OUT/pytest.log"
 echo "   pytest: $(cat "$OUT/pytest.log")"
 

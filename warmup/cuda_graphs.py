@@ -10,6 +10,9 @@ warmup knows nothing of the engine: the engine passes its forward with the KV ca
 (DecodeModel) and a function that turns a graph's DecodeView into its attention metadata. The
 attention backend must read only device tensors and Python ints fixed at capture (the Triton
 backend does; the torch reference backend, which reads host lists, is not graph-safe).
+
+A model whose layers keep their KV in several groups (each with its own block tables, e.g.
+sliding-window and global layers) has static buffers for every group's block tables and slots.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +52,9 @@ class DecodeView:
     query_start_loc: torch.Tensor  # [batch + 1] int32: 0, 1, ..., batch
     max_context_len: int
     block_size: int
+    # The block tables [batch, blocks] and slots [batch] of the KV groups after the first.
+    group_block_tables: tuple[torch.Tensor, ...] = ()
+    group_slot_mappings: tuple[torch.Tensor, ...] = ()
 
 
 # The engine's translation of a DecodeView into the metadata its attention backends read.
@@ -109,6 +115,9 @@ class DecodeInputs:
     slot_mapping: torch.Tensor  # [B] int64
     block_tables: torch.Tensor  # [B, blocks] int32
     context_lens: torch.Tensor  # [B] int32
+    # The KV groups after the first: block tables [B, blocks] and slots [B] of each.
+    group_block_tables: list[torch.Tensor] = field(default_factory=list)
+    group_slot_mappings: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -125,11 +134,19 @@ class StaticDecodeBuffers:
     block_tables: torch.Tensor
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
+    # [groups - 1, max_batch, max_blocks_per_seq] and [groups - 1, max_batch]: the other groups.
+    group_block_tables: torch.Tensor
+    group_slot_mappings: torch.Tensor
 
     @classmethod
     def allocate(
-        cls, max_batch: int, max_blocks_per_seq: int, device: torch.device | str
+        cls,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        device: torch.device | str,
+        kv_groups: int = 1,
     ) -> StaticDecodeBuffers:
+        extra = kv_groups - 1
         buffers = cls(
             input_ids=torch.zeros(max_batch, dtype=torch.int64, device=device),
             positions=torch.zeros(max_batch, dtype=torch.int64, device=device),
@@ -139,6 +156,12 @@ class StaticDecodeBuffers:
             ),
             context_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
             query_start_loc=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            group_block_tables=torch.zeros(
+                extra, max_batch, max_blocks_per_seq, dtype=torch.int32, device=device
+            ),
+            group_slot_mappings=torch.full(
+                (extra, max_batch), -1, dtype=torch.int64, device=device
+            ),
         )
         return buffers
 
@@ -167,6 +190,17 @@ class StaticDecodeBuffers:
             raise ValueError(
                 f"block tables of {width} blocks exceed the captured {self.max_blocks_per_seq}"
             )
+        extra = self.group_block_tables.shape[0]
+        if len(step.group_block_tables) != extra or len(step.group_slot_mappings) != extra:
+            raise ValueError(f"the graphs were captured for {extra + 1} KV groups")
+        for g, (table, slots) in enumerate(
+            zip(step.group_block_tables, step.group_slot_mappings, strict=True)
+        ):
+            if table.shape != step.block_tables.shape or slots.shape != (batch,):
+                raise ValueError(f"KV group {g + 1}'s block tables or slots have another shape")
+            self.group_block_tables[g, :batch, :width].copy_(table, non_blocking=True)
+            self.group_block_tables[g, :batch, width:].zero_()
+            self.group_slot_mappings[g, :batch].copy_(slots, non_blocking=True)
         self.input_ids[:batch].copy_(step.input_ids, non_blocking=True)
         self.positions[:batch].copy_(step.positions, non_blocking=True)
         self.slot_mapping[:batch].copy_(step.slot_mapping, non_blocking=True)
@@ -182,6 +216,8 @@ class StaticDecodeBuffers:
         self.slot_mapping[start:stop].fill_(-1)
         self.context_lens[start:stop].zero_()
         self.block_tables[start:stop].zero_()
+        self.group_block_tables[:, start:stop].zero_()
+        self.group_slot_mappings[:, start:stop].fill_(-1)
 
     def view(self, graph_batch: int, block_size: int) -> DecodeView:
         """The rows a graph of graph_batch reads (views of these buffers)."""
@@ -193,6 +229,8 @@ class StaticDecodeBuffers:
             query_start_loc=self.query_start_loc[: graph_batch + 1],
             max_context_len=self.max_blocks_per_seq * block_size,
             block_size=block_size,
+            group_block_tables=tuple(t[:graph_batch] for t in self.group_block_tables),
+            group_slot_mappings=tuple(s[:graph_batch] for s in self.group_slot_mappings),
         )
 
 
@@ -214,12 +252,15 @@ class CudaGraphDecodeRunner:
         block_size: int,
         device: torch.device | str,
         capture_fn: CaptureFn = capture_cuda_graph,
+        kv_groups: int = 1,
     ) -> None:
         self.model = model
         self.decode_metadata = decode_metadata
         self.block_size = block_size
         self.device = torch.device(device)
-        self.buffers = StaticDecodeBuffers.allocate(max_batch, max_blocks_per_seq, self.device)
+        self.buffers = StaticDecodeBuffers.allocate(
+            max_batch, max_blocks_per_seq, self.device, kv_groups
+        )
         self._capture_fn = capture_fn
         self._replays: dict[int, Callable[[], None]] = {}
         self._outputs: dict[int, torch.Tensor] = {}

@@ -10,16 +10,26 @@ Paged KV cache, per layer: k_cache and v_cache of shape [num_blocks, block_size,
 head_dim]. Token j of sequence i lives in block block_tables[i, j // block_size] at offset
 j % block_size; slot_mapping gives each query token's flat slot (block * block_size + offset),
 -1 for padding tokens that must not be written.
+
+Per layer a model may ask for a sliding window (a query at position p sees keys p - window + 1
+.. p) and logit soft-capping (scores -> tanh(scores / cap) * cap before the mask), as Mistral,
+Gemma 2/3, Phi-3 and windowed Qwen do. Backends declare which of these they implement
+(FEATURES in registry.py) and refuse the others.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from warmup.cuda_graphs import DecodeView
+
+# Attention features beyond plain causal attention, by name (registry.FEATURES says who has them).
+SLIDING_WINDOW = "sliding_window"
+LOGIT_SOFTCAP = "logit_softcap"
+FEATURE_NAMES = {SLIDING_WINDOW: "sliding-window attention", LOGIT_SOFTCAP: "logit soft-capping"}
 
 
 @dataclass
@@ -36,6 +46,31 @@ class AttentionMetadata:
     # The same offsets and lengths as Python lists, so CPU-side loops need no device sync.
     query_start_loc_host: list[int]
     context_lens_host: list[int]
+    # Each sequence's whole length (prompt and generated tokens) where the runner knows it:
+    # LongRoPE rotates every token of a sequence with the set its length calls for. None: the
+    # context length after the step stands in (the same for decodes).
+    seq_lens_host: list[int] | None = None
+    # Models whose layers keep KV in several groups (handler/model/kv_layout.py): each group's
+    # block tables and slots (block_tables and slot_mapping above are group 0's). None: one group.
+    group_block_tables: list[torch.Tensor] | None = None
+    group_slot_mappings: list[torch.Tensor] | None = None
+
+    def by_group(self, num_groups: int) -> list[AttentionMetadata]:
+        """The metadata each layer group's attention reads (the same for all without group
+        tables: a scratch profiling step, whose groups share blocks)."""
+        tables, slots = self.group_block_tables, self.group_slot_mappings
+        if tables is None or slots is None:
+            return [self] * num_groups
+        return [
+            replace(
+                self,
+                block_tables=table,
+                slot_mapping=slot_mapping,
+                group_block_tables=None,
+                group_slot_mappings=None,
+            )
+            for table, slot_mapping in zip(tables, slots, strict=True)
+        ]
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +97,30 @@ class AttentionMetadata:
             block_size=view.block_size,
             query_start_loc_host=list(range(view.batch + 1)),
             context_lens_host=[view.max_context_len] * view.batch,
+            group_block_tables=(
+                [view.block_tables, *view.group_block_tables] if view.group_block_tables else None
+            ),
+            group_slot_mappings=(
+                [view.slot_mapping, *view.group_slot_mappings] if view.group_block_tables else None
+            ),
+        )
+
+
+class UnsupportedAttentionError(NotImplementedError):
+    """A layer asked a backend for an attention feature it does not implement."""
+
+
+def refuse_features(backend: str, sliding_window: int | None, logit_softcap: float | None) -> None:
+    """For backends with neither feature yet: raise instead of computing plain attention."""
+    wanted = [
+        FEATURE_NAMES[name]
+        for name, value in ((SLIDING_WINDOW, sliding_window), (LOGIT_SOFTCAP, logit_softcap))
+        if value is not None
+    ]
+    if wanted:
+        raise UnsupportedAttentionError(
+            f"the {backend} attention backend does not implement {' or '.join(wanted)} yet; "
+            "use the torch backend"
         )
 
 
@@ -73,6 +132,10 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called once per step before the first layer; backends cache per-step indices here."""
 
+    def fresh(self) -> AttentionBackend:
+        """Another instance for another KV layer group (prepare() caches per-step state)."""
+        return type(self)()
+
     @abstractmethod
     def forward(
         self,
@@ -83,5 +146,9 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
-        """Return the attention output [num_tokens, num_heads, head_dim] (causal, GQA)."""
+        """Return the attention output [num_tokens, num_heads, head_dim] (causal, GQA).
+        sliding_window, logit_softcap: this layer's (None: off); a backend without the feature
+        raises UnsupportedAttentionError rather than ignore it."""

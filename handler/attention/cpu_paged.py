@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from handler.attention.base import AttentionBackend, AttentionMetadata
+from handler.attention.base import AttentionBackend, AttentionMetadata, refuse_features
 from handler.attention.torch_backend import PrefillPlan, attend_prefill, plan_prefills
 from handler.kernels.cpu import CpuKernels, check_range, load_cpu_kernels
 
@@ -33,6 +33,9 @@ class CpuPagedBackend(AttentionBackend):
         self._prefills: list[PrefillPlan] = []
         self._unchecked = False
 
+    def fresh(self) -> CpuPagedBackend:
+        return CpuPagedBackend(self.kernels)
+
     def prepare(self, meta: AttentionMetadata) -> None:
         self._prefills = plan_prefills(meta)
         self._unchecked = True
@@ -46,7 +49,11 @@ class CpuPagedBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
+        # Windows and soft-capping are not in these kernels yet: refuse rather than ignore them.
+        refuse_features(self.name, sliding_window, logit_softcap)
         # The first layer of a step checks shapes and indices; the others share them.
         check = self._unchecked
         if check:

@@ -5,7 +5,8 @@ flash-attn reads the same paged cache layout ([num_blocks, block_size, num_kv_he
 int32 block tables) but only for block sizes divisible by 256. New keys/values are written with
 the Triton store kernel, which skips padding slots (-1). flash-attn's causal mask is aligned to the
 end of the keys when there are more keys than queries, which is exactly "the new tokens are the
-last ones of the context".
+last ones of the context". Sliding windows and soft-capping are flash-attn's own arguments:
+window_size=(window - 1, 0) (a query sees itself and window - 1 keys before it) and softcap.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def check_block_size(block_size: int) -> None:
         )
 
 
+def flash_features(window: int | None, softcap: float | None) -> dict[str, object]:
+    """flash-attn's arguments for a layer's window and soft-cap; only those a layer uses, so a
+    plain layer calls flash-attn exactly as before (and versions without softcap still serve it)."""
+    features: dict[str, object] = {}
+    if window is not None:
+        features["window_size"] = (window - 1, 0)
+    if softcap is not None:
+        features["softcap"] = float(softcap)
+    return features
+
+
 class FlashAttentionBackend(AttentionBackend):
     """Decode through flash_attn_with_kvcache, prefill chunks through flash_attn_varlen_func."""
 
@@ -57,8 +69,11 @@ class FlashAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
         check_block_size(k_cache.shape[1])
+        features = flash_features(sliding_window, logit_softcap)
         self._store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         num_decode = meta.num_decode_tokens
@@ -71,6 +86,7 @@ class FlashAttentionBackend(AttentionBackend):
                 block_table=meta.block_tables[:num_decode],
                 softmax_scale=scale,
                 causal=True,
+                **features,
             )
             out[:num_decode] = decoded.squeeze(1)
         if meta.num_prefill_tokens:
@@ -90,5 +106,6 @@ class FlashAttentionBackend(AttentionBackend):
                 softmax_scale=scale,
                 causal=True,
                 block_table=meta.block_tables[num_decode:],
+                **features,
             )
         return out

@@ -9,6 +9,12 @@ independent of the cache's block size. Softmax is the online (flash) form in flo
 Slot and block ids are not range-checked on the device (that would need a host sync per call);
 the shapes, dtypes and devices are checked here.
 
+Per layer a sliding window (a query at position p sees keys p - window + 1 .. p) and logit
+soft-capping (scores -> tanh(scores / cap) * cap before the mask) are compile-time switches
+(HAS_WINDOW, HAS_SOFTCAP) with their values as arguments: with a window the key loop starts at
+the first tile the window reaches, so a windowed layer reads only its window's keys (the
+blocks before it may have been released: their table entries are never read unmasked).
+
 Under TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on the CPU,
 which is how CI tests them.
 """
@@ -74,10 +80,15 @@ def _attend_paged(
     table_row,
     kv_head,
     context_len,
+    kv_start,
     kv_end,
     query_pos,
     scale_log2,
+    window,
+    softcap_log2,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -85,9 +96,10 @@ def _attend_paged(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    # Online softmax of q's rows ([ROWS, BLOCK_D]) over keys 0 .. kv_end of one sequence's kv head,
-    # read token by token through its block table row; with CAUSAL, row r sees keys up to
-    # query_pos[r].
+    # Online softmax of q's rows ([ROWS, BLOCK_D]) over keys kv_start .. kv_end of one sequence's
+    # kv head, read token by token through its block table row; with CAUSAL, row r sees keys up
+    # to query_pos[r] (without, the context's last token is the query); with HAS_WINDOW, only
+    # the last `window` of those.
     ROWS: tl.constexpr = q.shape[0]
     BLOCK_D: tl.constexpr = q.shape[1]
     d = tl.arange(0, BLOCK_D)
@@ -96,7 +108,7 @@ def _attend_paged(
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < context_len
         block = tl.load(table_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -105,10 +117,19 @@ def _attend_paged(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2
+        if HAS_SOFTCAP:
+            # tanh(x) = 1 - 2 / (e^2x + 1), in the log2 units the softmax works in; |x| > 15 is
+            # +-1 in float32 already, and the clamp keeps e^2x finite.
+            x = tl.minimum(tl.maximum(qk / softcap_log2, -15.0), 15.0)
+            qk = (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)) * softcap_log2
         if CAUSAL:
             visible = (n[None, :] <= query_pos[:, None]) & n_mask[None, :]
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] > query_pos[:, None] - window)
         else:
             visible = n_mask[None, :]
+            if HAS_WINDOW:
+                visible = visible & (n[None, :] >= context_len - window)
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -135,6 +156,10 @@ def _paged_decode_kernel(
     stride_oh,
     stride_table,
     scale_log2,
+    window,
+    softcap_log2,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -159,6 +184,9 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + q_offs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+    kv_start = 0
+    if HAS_WINDOW:
+        kv_start = tl.maximum(context_len - window, 0) // BLOCK_N * BLOCK_N
     out = _attend_paged(
         q,
         k_cache_ptr,
@@ -166,10 +194,15 @@ def _paged_decode_kernel(
         table_row,
         kv_head,
         context_len,
+        kv_start,
         context_len,
         None,
         scale_log2,
+        window,
+        softcap_log2,
         False,
+        HAS_WINDOW,
+        HAS_SOFTCAP,
         NUM_KV_HEADS,
         HEAD_DIM,
         BLOCK_SIZE,
@@ -196,6 +229,10 @@ def _paged_prefill_kernel(
     stride_oh,
     stride_table,
     scale_log2,
+    window,
+    softcap_log2,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -229,6 +266,11 @@ def _paged_prefill_kernel(
     # A tile past the sequence's new tokens gets an empty loop and stores nothing.
     kv_end = tl.minimum(context_len, prefix_len + (m_tile + 1) * BLOCK_M)
     kv_end = tl.where(m_tile * BLOCK_M < q_len, kv_end, 0)
+    kv_start = 0
+    if HAS_WINDOW:
+        # The tile's first query sees keys from its position - window + 1 on.
+        first = prefix_len + m_tile * BLOCK_M - window + 1
+        kv_start = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
     out = _attend_paged(
         q,
         k_cache_ptr,
@@ -236,10 +278,15 @@ def _paged_prefill_kernel(
         table_row,
         kv_head,
         context_len,
+        kv_start,
         kv_end,
         prefix_len + m,
         scale_log2,
+        window,
+        softcap_log2,
         True,
+        HAS_WINDOW,
+        HAS_SOFTCAP,
         NUM_KV_HEADS,
         HEAD_DIM,
         BLOCK_SIZE,
@@ -313,6 +360,13 @@ def _tile(name: str, value: int) -> int:
     return value
 
 
+def _check_features(window: int | None, softcap: float | None) -> None:
+    if window is not None and (isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap!r}")
+
+
 def _check_block_tables(block_tables: torch.Tensor, batch: int) -> None:
     if block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(
@@ -336,6 +390,8 @@ def _launch_attention(
     scale: float,
     group: int,
     block_n: int,
+    window: int | None,
+    softcap: float | None,
     **row_tile: int,
 ) -> None:
     """Launch a paged attention kernel on checked arguments. The decode and prefill kernels take
@@ -354,6 +410,10 @@ def _launch_attention(
         out.stride(1),
         block_tables.stride(0),
         scale * LOG2_E,
+        window or 0,
+        (softcap or 1.0) * LOG2_E,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
         GROUP=group,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
@@ -424,13 +484,17 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     block_n: int = 64,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of one new query token per sequence over its whole cached context.
+    """Attention of one new query token per sequence over its whole cached context (its last
+    `window` tokens with a window; scores soft-capped at `softcap`).
 
     q: [B, Hq, D]; block_tables: int32 [B, max_blocks]; context_lens: int32 [B], the number of
     cached tokens including this step's (already stored). Returns [B, Hq, D] in q's dtype; a row
     with context length 0 (a padded CUDA-graph row) comes back as zeros.
     """
+    _check_features(window, softcap)
     _check_cache(k_cache, v_cache)
     group = _check_queries(q, k_cache, "[batch, num_heads, head_dim]")
     batch = q.shape[0]
@@ -453,6 +517,8 @@ def paged_decode_attention(
         scale,
         group,
         block_n,
+        window,
+        softcap,
         BLOCK_G=max(MIN_DOT_DIM, triton.next_power_of_2(group)),
     )
     return out
@@ -469,6 +535,8 @@ def paged_prefill_attention(
     max_seqlen_q: int | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over all of its cached tokens.
 
@@ -477,7 +545,9 @@ def paged_prefill_attention(
     tokens (prefix blocks already cached plus the new ones, stored before this call). New token j of
     a sequence with q_len new tokens sees keys 0 .. context_len - q_len + j. max_seqlen_q (the
     longest q_len) sizes the grid; it is read from cu_seqlens_q when not given, which syncs.
+    With a window, token j sees only the last `window` of those keys; softcap soft-caps scores.
     """
+    _check_features(window, softcap)
     _check_cache(k_cache, v_cache)
     group = _check_queries(q, k_cache, "[num_tokens, num_heads, head_dim]")
     if context_lens.dim() != 1:
@@ -512,6 +582,8 @@ def paged_prefill_attention(
         scale,
         group,
         block_n,
+        window,
+        softcap,
         BLOCK_M=block_m,
     )
     return out
@@ -536,12 +608,15 @@ class TritonPagedBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         num_decode = meta.num_decode_tokens
+        features = {"window": sliding_window, "softcap": logit_softcap}
         if meta.num_prefill_tokens == 0:
             return paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, **features
             )
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if num_decode:
@@ -552,6 +627,7 @@ class TritonPagedBackend(AttentionBackend):
                 meta.block_tables[:num_decode],
                 meta.context_lens[:num_decode],
                 scale,
+                **features,
             )
         # Decode sequences own one query token each, so prefill sequences start at num_decode.
         cu_seqlens_q = meta.query_start_loc[num_decode:] - num_decode
@@ -564,5 +640,6 @@ class TritonPagedBackend(AttentionBackend):
             meta.context_lens[num_decode:],
             scale,
             max_seqlen_q=meta.max_query_len,
+            **features,
         )
         return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from handler.engine.faults import FaultInjection
+
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_AUTO = "auto"
 
@@ -38,6 +40,8 @@ class EngineConfig:
     # Fused C kernels with bfloat16 on the CPU (handler/kernels); float32 keeps plain torch ops,
     # bit-exact with transformers.
     cpu_kernels: bool = True
+    # Test-only faults (THAW_FAULT_INJECT); None = none, the engine then carries no injector.
+    fault_injection: FaultInjection | None = None
 
     def __post_init__(self) -> None:
         """ValueError naming the first bad setting; checked on every device, so a config tested

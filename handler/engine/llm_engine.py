@@ -14,7 +14,13 @@ from handler.attention.registry import GRAPH_SAFE_BACKENDS, resolve_backend_name
 from handler.engine.block_manager import BlockManager
 from handler.engine.config import DEVICE_AUTO, EngineConfig
 from handler.engine.device_start import DeviceStart, plan_device_start
-from handler.engine.kv_cache import allocate_kv_caches, cache_shape, resolve_num_blocks
+from handler.engine.faults import FaultInjector
+from handler.engine.kv_cache import (
+    allocate_kv_caches,
+    cache_shape,
+    longest_fitting,
+    resolve_num_blocks,
+)
 from handler.engine.params import EngineStats, SamplingParams, TokenOutput
 from handler.engine.runner import ModelRunner, profile_step
 from handler.engine.sampler import Sampler
@@ -53,10 +59,14 @@ class LLMEngine:
         if config.max_model_len is not None:
             context = min(context, config.max_model_len)
         kernels = None
-        if device.type == "cpu" and dtype == torch.bfloat16 and config.cpu_kernels:
+        # The fused CPU kernels run the plain Llama layout with plain attention; every other
+        # family runs torch ops (and the attention backend its features need).
+        needs = model_config.attention_needs(context)
+        fused = model_config.fused_cpu_supported and not needs
+        if device.type == "cpu" and dtype == torch.bfloat16 and config.cpu_kernels and fused:
             kernels = load_cpu_kernels()
         self.attention_backend = resolve_backend_name(
-            config.attention_backend, device, config.block_size, kernels is not None
+            config.attention_backend, device, config.block_size, kernels is not None, needs
         )
         if self.attention_backend == "cpu" and (device.type != "cpu" or dtype != torch.bfloat16):
             raise ValueError("the cpu attention backend runs bfloat16 on the CPU only")
@@ -70,6 +80,8 @@ class LLMEngine:
             pack_weights=config.pack_cpu_weights,
             kernels=kernels,
         )
+        layout = model.kv_layout
+        chunk = config.max_num_batched_tokens
         # On CUDA without an explicit size: the memory left after the weights, or the warm profile.
         self.device_start: DeviceStart | None = None
         if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_bytes is None:
@@ -85,23 +97,40 @@ class LLMEngine:
                 config.kv_cache_bytes,
                 config.max_num_seqs,
                 context,
+                layout,
+                chunk,
             )
         # One sequence must always fit in the whole cache, or preemption could never end.
-        self.max_model_len = min(context, self.num_blocks * config.block_size)
+        self.max_model_len = longest_fitting(
+            layout, self.num_blocks, config.block_size, chunk, context
+        )
         kv_caches = allocate_kv_caches(
-            model_config, self.num_blocks, config.block_size, dtype, device
+            model_config, self.num_blocks, config.block_size, dtype, device, layout
         )
         if on_phase is not None:
             on_phase("kv_allocated")
         self.block_manager = BlockManager(
-            self.num_blocks, config.block_size, config.enable_prefix_caching
+            self.num_blocks,
+            config.block_size,
+            # LongRoPE KV depends on the prompt's length, not only on the prefix.
+            config.enable_prefix_caching and model_config.exact_prefix_caching,
+            layout.group_windows,
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, kv_caches, config.block_size, Sampler(kernels))
+        faults = config.fault_injection
+        # Only when a fault acts in the step: otherwise the step tests `is None` and no more.
+        self.faults = FaultInjector(faults) if faults is not None and faults.in_engine else None
+        self.runner = ModelRunner(
+            model, kv_caches, config.block_size, Sampler(kernels), self.faults
+        )
         self.graph_timings: list[CaptureTiming] = []
-        if device.type == "cuda" and self.attention_backend in GRAPH_SAFE_BACKENDS:
+        if (
+            device.type == "cuda"
+            and self.attention_backend in GRAPH_SAFE_BACKENDS
+            and model.supports_cuda_graphs
+        ):
             self.graph_timings = self._capture_decode_graphs(config.graph_max_batch)
             if self.graph_timings and on_phase is not None:
                 on_phase("graphs_captured")
@@ -194,11 +223,17 @@ class LLMEngine:
             )
 
     def step(self) -> list[TokenOutput]:
-        """Run one scheduler step; one output per request that produced a token or finished."""
+        """Run one scheduler step; one output per request that produced a token or finished.
+
+        A request whose row fails (non-finite logits, a sampler error of its own) ends with
+        finish_reason "error" and its error, its blocks freed; the rest of the batch goes on.
+        An exception that no single request can be blamed for propagates."""
         with torch.inference_mode():
             batch = self.scheduler.schedule()
             if not batch.items:
                 return []
+            if self.faults is not None:
+                self.faults.on_schedule(batch.items)
             sampled, result = self.runner.run(batch.items)
         self._steps += 1
         self._last_step_tokens = batch.num_tokens
@@ -211,7 +246,12 @@ class LLMEngine:
         if result is None:
             return []
         outputs = []
+        failed = result.failed
         for row, seq in enumerate(sampled):
+            if failed and row in failed:
+                self._finish(seq, failed=True)
+                outputs.append(TokenOutput(seq.request_id, None, None, None, "error", failed[row]))
+                continue
             token = result.token_ids[row]
             seq.token_ids.append(token)
             self._generated_tokens += 1
@@ -239,8 +279,8 @@ class LLMEngine:
             return "length"
         return None
 
-    def _finish(self, seq: Sequence) -> None:
-        self.scheduler.remove(seq)
+    def _finish(self, seq: Sequence, failed: bool = False) -> None:
+        self.scheduler.remove(seq, failed)
         del self._live[seq.request_id]
 
     def abort(self, request_id: int) -> TokenOutput | None:
@@ -323,7 +363,7 @@ def _plan_device_start(model: LlamaModel, config: EngineConfig, max_seq_len: int
 
     return plan_device_start(
         config,
-        cache_shape(model.config, config.block_size, model.dtype),
+        cache_shape(model.config, config.block_size, model.dtype, model.kv_layout),
         str(model.dtype).removeprefix("torch."),
         GpuKind.of(device),
         lambda: measured_headroom(largest_step, device),

@@ -88,8 +88,10 @@ class TokenOutput:
     token_id: int | None  # None when the request ended without a new token (cancelled)
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
-    # "eos_token" (an EOS or stop token id, included) | "length" | "cancelled"
+    # "eos_token" (an EOS or stop token id, included) | "length" | "cancelled" | "error"
     finish_reason: str | None
+    # Why the request failed (finish_reason "error"); the rest of its batch went on.
+    error: str | None = None
 
 
 @dataclass

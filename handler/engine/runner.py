@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from handler.attention.base import AttentionMetadata
+from handler.engine.faults import FaultInjector
 from handler.engine.kv_cache import allocate_kv_caches
 from handler.engine.sampler import Sampler, SampleResult
 from handler.engine.sequence import Sequence
@@ -37,9 +38,15 @@ class BoundModel:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, kv_caches: KVCaches, block_size: int, sampler: Sampler
+        self,
+        model: LlamaModel,
+        kv_caches: KVCaches,
+        block_size: int,
+        sampler: Sampler,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.model = model
+        self.faults = faults
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
@@ -64,6 +71,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             capture_fn,
+            self.model.kv_layout.num_groups,
         )
         timings = graphs.capture(sizes)
         self.graphs = graphs
@@ -74,13 +82,38 @@ class ModelRunner:
 
         items: (sequence, number of its tokens to compute), decodes first.
         """
+        if self.model.rope.has_long:
+            self._rerotate_crossing(items)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
         hidden = self._forward(input_ids, positions, meta)
         if not sampled:
             return [], None
         # The LM head runs outside any graph, on the sampled rows only.
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        if self.faults is not None:
+            logits = self.faults.poison_logits(logits, sampled)
         return sampled, self.sampler(logits, sampled)
+
+    def _rerotate_crossing(self, items: list[tuple[Sequence, int]]) -> None:
+        """LongRoPE: when a sequence first grows past the original context, transformers
+        recomputes all of it with the long factors (Phi-3's generate drops its cache there).
+        Do the same for the tokens before this step's decode, in their own blocks, before it."""
+        original = self.model.config.rope.original_max_position_embeddings
+        crossing = [
+            seq
+            for seq, num_new in items
+            if num_new == 1 and seq.num_computed_tokens == original == len(seq) - 1
+        ]
+        if not crossing:
+            return
+        for seq in crossing:
+            seq.num_computed_tokens = 0
+        try:
+            input_ids, positions, meta, _, _ = self._prepare([(seq, original) for seq in crossing])
+        finally:
+            for seq in crossing:
+                seq.num_computed_tokens = original
+        self.model.forward(input_ids, positions, meta, self.kv_caches)
 
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -89,6 +122,9 @@ class ModelRunner:
             step = DecodeInputs(
                 input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens
             )
+            if meta.group_block_tables is not None and meta.group_slot_mappings is not None:
+                step.group_block_tables = meta.group_block_tables[1:]
+                step.group_slot_mappings = meta.group_slot_mappings[1:]
             if self.graphs.graph_size_for(step) is not None:
                 self.graph_steps += 1
                 # A view of the graph's output, consumed before the next replay.
@@ -110,30 +146,42 @@ class ModelRunner:
         for seq, num_new in items:
             begin = seq.num_computed_tokens
             end = begin + num_new
-            table = seq.block_table
+            table = seq.block_tables[0]
+            offset = seq.block_offsets[0]
             if num_new == 1:
                 num_decodes += 1
                 tokens.append(seq.token_ids[begin])
                 positions.append(begin)
-                slots.append(table[begin // bs] * bs + begin % bs)
+                slots.append(table[begin // bs - offset] * bs + begin % bs)
             else:
                 tokens.extend(seq.token_ids[begin:end])
                 span = range(begin, end)
                 positions.extend(span)
-                slots.extend(table[p // bs] * bs + p % bs for p in span)
+                slots.extend(table[p // bs - offset] * bs + p % bs for p in span)
             starts.append(starts[-1] + num_new)
             context_lens.append(end)
             if end == len(seq):
                 sample_rows.append(starts[-1] - 1)
                 sampled.append(seq)
-        width = max(len(seq.block_table) for seq, _ in items)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in items]
         device = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+        groups = self.model.kv_layout.num_groups
+        if groups == 1:
+            table_tensor = _table_tensor(items, 0, device)
+            group_tables = group_slots = None
+        else:
+            # Every KV group's own tables and slots; block_tables / slot_mapping are group 0's.
+            group_tables = [_table_tensor(items, g, device) for g in range(groups)]
+            group_slots = [slot_mapping] + [
+                torch.tensor(_group_slots(items, g, bs), dtype=torch.int64, device=device)
+                for g in range(1, groups)
+            ]
+            table_tensor = group_tables[0]
         meta = AttentionMetadata(
             num_seqs=len(items),
             num_decode_tokens=num_decodes,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            slot_mapping=slot_mapping,
+            block_tables=table_tensor,
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             max_query_len=max(n for _, n in items),
@@ -141,6 +189,9 @@ class ModelRunner:
             block_size=bs,
             query_start_loc_host=starts,
             context_lens_host=context_lens,
+            seq_lens_host=[len(seq) for seq, _ in items],
+            group_block_tables=group_tables,
+            group_slot_mappings=group_slots,
         )
         return (
             torch.tensor(tokens, dtype=torch.int64, device=device),
@@ -149,6 +200,32 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=device),
             sampled,
         )
+
+
+def _table_tensor(
+    items: list[tuple[Sequence, int]], group: int, device: torch.device
+) -> torch.Tensor:
+    """Group `group`'s block tables, by logical block: the blocks a window group released read
+    as block 0 (masked out, like the padding)."""
+    rows = [
+        [0] * seq.block_offsets[group] + seq.block_tables[group]
+        if seq.block_offsets[group]
+        else seq.block_tables[group]
+        for seq, _ in items
+    ]
+    width = max(len(row) for row in rows)
+    return torch.tensor(
+        [row + [0] * (width - len(row)) for row in rows], dtype=torch.int32, device=device
+    )
+
+
+def _group_slots(items: list[tuple[Sequence, int]], group: int, bs: int) -> list[int]:
+    slots: list[int] = []
+    for seq, num_new in items:
+        table, offset = seq.block_tables[group], seq.block_offsets[group]
+        begin = seq.num_computed_tokens
+        slots.extend(table[p // bs - offset] * bs + p % bs for p in range(begin, begin + num_new))
+    return slots
 
 
 def profile_step(
@@ -164,7 +241,9 @@ def profile_step(
         starts.append(starts[-1] + length)
     device = model.device
     width = -(-max(lengths) // block_size)
-    scratch = allocate_kv_caches(model.config, width, block_size, model.dtype, device)
+    scratch = allocate_kv_caches(
+        model.config, width, block_size, model.dtype, device, model.kv_layout
+    )
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     meta = AttentionMetadata(
         num_seqs=len(lengths),

@@ -4,18 +4,25 @@ Every row of the batch goes through the same tensor ops; per-row settings are te
 uses the exponential-race trick (argmax of p / E, E ~ Exp(1)), which draws from p exactly and
 lets a seeded request draw its noise from its own generator, independent of its companions.
 Logprobs are those of the model's distribution, before any sampling setting is applied.
+
+A row that cannot be sampled fails alone: non-finite logits (found by one batched check), or an
+exception that the row raises when sampled by itself after the batch raised. SampleResult.failed
+names those rows; the engine ends their requests and the other rows' results stand.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from handler.engine.sequence import Sequence
 from handler.kernels.cpu import CpuKernels
+
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or infinity) for this request"
 
 
 @dataclass
@@ -23,6 +30,8 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]] | None]
+    # row -> why it failed; those rows' other entries are meaningless.
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -32,7 +41,38 @@ class Sampler:
         self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: [len(seqs), vocab], float32 (or bfloat16 on the CPU with kernels)."""
+        """logits: [len(seqs), vocab], float32 (or bfloat16 on the CPU with kernels).
+
+        Raises only what no single row can be blamed for: when every row fails alone too."""
+        try:
+            return self._sample_batch(logits, seqs)
+        except Exception as exc:
+            return self._sample_rows_apart(logits, seqs, exc)
+
+    def _sample_rows_apart(
+        self, logits: torch.Tensor, seqs: list[Sequence], batch_error: Exception
+    ) -> SampleResult:
+        """The batch raised: sample each row by itself to find the rows that raise.
+
+        Only on this error path; the rows that succeed get what they would have got in the
+        batch (every op is row-wise), except that a seeded row's generator may have been
+        advanced by the failed attempt."""
+        result = SampleResult([], [], [])
+        for row, seq in enumerate(seqs):
+            try:
+                one = self._sample_batch(logits[row : row + 1], [seq])
+            except Exception as exc:
+                one = SampleResult([0], [math.nan], [None], {0: f"sampling failed: {exc!r}"})
+            result.token_ids.append(one.token_ids[0])
+            result.logprobs.append(one.logprobs[0])
+            result.top_logprobs.append(one.top_logprobs[0])
+            if 0 in one.failed:
+                result.failed[row] = one.failed[0]
+        if len(result.failed) == len(seqs):
+            raise batch_error  # every row fails: the cause is not one request
+        return result
+
+    def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         normaliser = None
         if self.kernels is not None and logits.dtype == torch.bfloat16 and logits.is_cpu:
             normaliser = self.kernels.logsumexp_rows(logits).unsqueeze(1)
@@ -54,7 +94,19 @@ class Sampler:
             picked = logits.gather(1, tokens.unsqueeze(1)).float()
             chosen = (picked - normaliser).squeeze(1)
             top = _top_logprobs(lambda: logits.float() - normaliser, seqs)
-        return SampleResult(tokens.tolist(), chosen.tolist(), top)
+        # One batched check: a row holding a NaN or an infinity sums to a non-finite value. The
+        # sum stays in the logits' dtype (a float32 result for bfloat16 is a much slower path)
+        # and reads each row once, where isfinite(logits) would write a [rows, vocab] mask.
+        finite = torch.isfinite(logits.sum(dim=-1))
+        logprobs_list = torch.where(finite, chosen, math.nan).tolist()
+        failed = {}
+        if not all(map(math.isfinite, logprobs_list)):
+            failed = {
+                row: NON_FINITE_LOGITS
+                for row, lp in enumerate(logprobs_list)
+                if not math.isfinite(lp)
+            }
+        return SampleResult(tokens.tolist(), logprobs_list, top, failed)
 
 
 def _sample(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

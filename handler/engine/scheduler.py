@@ -44,13 +44,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def remove(self, seq: Sequence, failed: bool = False) -> None:
+        """Drop a finished, aborted or failed sequence and free its blocks (a failed one's are
+        withdrawn from the prefix cache: what they hold is suspect)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, forget=failed)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> ScheduledBatch:
@@ -94,9 +95,9 @@ class Scheduler:
         bs = self.block_manager.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(seq)
-            num_new = min(len(seq) - len(cached) * bs, budget)
-            if not self.block_manager.allocate_new(seq, cached, num_new):
+            hit = self.block_manager.find_cached_prefix(seq)
+            num_new = min(len(seq) - hit.num_blocks * bs, budget)
+            if not self.block_manager.allocate_new(seq, hit, num_new):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -1,7 +1,5 @@
-"""Forward pass of the Llama family (Llama 2/3, SmolLM, Mistral, Qwen2) over a flat token batch.
-
-Plain functions over weight tensors rather than nn.Modules: the step loop is Python-bound on
-small batches, and every avoided module call and reshape counts.
+"""The engine's model: the generic decoder (decoder.py) for every family, plus the fused CPU
+kernel path for the plain Llama layout (Llama 2/3, SmolLM, Mistral without a window, Qwen2).
 """
 
 from __future__ import annotations
@@ -12,13 +10,12 @@ import torch.nn.functional as F
 from handler.attention.base import AttentionBackend, AttentionMetadata
 from handler.kernels.cpu import CpuKernels, check_range
 from handler.model.config import ModelConfig
-from handler.model.rope import RotaryEmbedding, apply_rotary
-from handler.model.weights import LayerWeights, load_weights
+from handler.model.decoder import DecoderModel, KVCaches
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+__all__ = ["KVCaches", "LlamaModel"]
 
 
-class LlamaModel:
+class LlamaModel(DecoderModel):
     def __init__(
         self,
         config: ModelConfig,
@@ -32,18 +29,14 @@ class LlamaModel:
     ) -> None:
         """kernels: run norms, rotary, SiLU and (where built) the linear layers' matrix multiply
         with the fused CPU kernels (bfloat16 on the CPU); compute_logits then returns bfloat16
-        logits for their sampler."""
-        self.config = config
-        self.dtype = dtype
-        self.device = device
-        self.backend = backend
-        self.weights = load_weights(config, tensors, dtype, device, pack_weights, kernels)
-        self.rope = RotaryEmbedding(config.rope, config.head_dim, max_positions, dtype, device)
-        self.scale = config.head_dim**-0.5
-        q_size = config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
-        self._qk_size = q_size + kv_size
-        self.kernels = kernels
+        logits for their sampler. Only for models with ModelConfig.fused_cpu_supported."""
+        if kernels is not None and not config.fused_cpu_supported:
+            raise ValueError(
+                f"the fused CPU kernels run the plain Llama layout only, not {config.architecture}"
+            )
+        super().__init__(
+            config, tensors, dtype, device, backend, max_positions, pack_weights, kernels
+        )
 
     def forward(
         self,
@@ -56,15 +49,7 @@ class LlamaModel:
         kernels, else the model's dtype); writes this step's KV."""
         if self.kernels is not None:
             return self._forward_fused(input_ids, positions, meta, kv_caches, self.kernels)
-        self.backend.prepare(meta)
-        cos, sin = self.rope.lookup(positions)
-        hidden = F.embedding(input_ids, self.weights.embed)
-        # The residual stream is this step's own tensor (embedding output): adding in place
-        # saves an allocation per add, with bit-identical results.
-        for layer, (k_cache, v_cache) in zip(self.weights.layers, kv_caches, strict=True):
-            hidden.add_(self._attention(layer, hidden, cos, sin, meta, k_cache, v_cache))
-            hidden.add_(self._mlp(layer, hidden))
-        return hidden
+        return super().forward(input_ids, positions, meta, kv_caches)
 
     def _forward_fused(
         self,
@@ -103,6 +88,7 @@ class LlamaModel:
             out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
             attended = layer.o(out.reshape(num_tokens, -1), check)
             normed = kernels.add_rms_norm(hidden, attended, layer.post_norm, eps, check)
+            assert layer.gate_up is not None and layer.down is not None
             delta = layer.down(kernels.silu_mul(layer.gate_up(normed, check), check), check)
         if delta is not None:
             hidden.add_(delta)
@@ -116,37 +102,4 @@ class LlamaModel:
                 hidden.contiguous(), None, self.weights.norm, self.config.rms_norm_eps
             )
             return self.weights.lm_head(normed)
-        normed = self._rms_norm(hidden, self.weights.norm)
-        return self.weights.lm_head(normed).float()
-
-    def _attention(
-        self,
-        layer: LayerWeights,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        cfg = self.config
-        num_tokens = hidden.shape[0]
-        qkv = layer.qkv(self._rms_norm(hidden, layer.input_norm))
-        # q and k heads rotate together in one pass.
-        qk = qkv[:, : self._qk_size].view(num_tokens, cfg.num_heads + cfg.num_kv_heads, -1)
-        qk = apply_rotary(qk, cos, sin)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        v = qkv[:, self._qk_size :].view(num_tokens, cfg.num_kv_heads, -1)
-        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        return layer.o(out.reshape(num_tokens, -1))
-
-    def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
-        normed = self._rms_norm(hidden, layer.post_norm)
-        gate_up = layer.gate_up(normed)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return layer.down(F.silu(gate).mul_(up))
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # One fused op; bit-identical to HF's formula in float32, and in bfloat16 it scales by
-        # the weight before the final rounding (HF rounds first), a difference of one ulp.
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
+        return super().compute_logits(hidden)

@@ -1,4 +1,9 @@
-"""Rotary position embeddings: a cos/sin table computed once, looked up by position."""
+"""Rotary position embeddings: a cos/sin table computed once, looked up by position.
+
+LongRoPE (Phi-3) has two frequency sets; transformers rotates a sequence with the long set once
+it is longer than original_max_position_embeddings. The table then holds the short set's rows
+followed by the long set's, and callers pick a row per token (RotaryEmbedding.rows).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,22 @@ import torch
 from handler.model.config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+def inverse_frequencies(rope: RopeConfig, head_dim: int, long: bool = False) -> torch.Tensor:
+    dim = rotary_dim(rope, head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    if rope.rope_type == "longrope":
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * rope.theta**exponents)
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scaled(inv_freq, rope)
     return inv_freq
+
+
+def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
+    return int(head_dim * rope.partial_rotary_factor)
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -45,25 +58,52 @@ class RotaryEmbedding:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        inv_freq = inverse_frequencies(rope, head_dim)
+        self.rope = rope
+        self.max_positions = max_positions
+        self.rotary_dim = rotary_dim(rope, head_dim)
+        self.has_long = rope.has_long_variant
         positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        # [max_positions, head_dim]: cos repeated over both halves, sin signed so that
-        # "rotate half" becomes a roll: x * cos + roll(x) * (-sin | sin).
-        self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(dtype=dtype, device=device)
-        self.signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(
-            dtype=dtype, device=device
-        )
-        # float32 [max_positions, head_dim // 2] per frequency, for the fused CPU kernel.
-        self.cos_half = freqs.cos()
-        self.sin_half = freqs.sin()
+        freqs = torch.outer(positions, inverse_frequencies(rope, head_dim))
+        if self.has_long:
+            long = torch.outer(positions, inverse_frequencies(rope, head_dim, long=True))
+            freqs = torch.cat((freqs, long))
+        scaling = rope.attention_factor
+        # [rows, rotary_dim]: cos repeated over both halves, sin signed so that "rotate half"
+        # becomes a roll: x * cos + roll(x) * (-sin | sin).
+        cos, sin = freqs.cos(), freqs.sin()
+        self.cos = (torch.cat((cos, cos), dim=-1) * scaling).to(dtype=dtype, device=device)
+        self.signed_sin = (torch.cat((-sin, sin), dim=-1) * scaling).to(dtype=dtype, device=device)
+        # float32 [max_positions, head_dim // 2] per frequency, for the fused CPU kernel (which
+        # runs only full, single-set, unscaled rotary: ModelConfig.fused_cpu_supported).
+        self.cos_half = cos[:max_positions]
+        self.sin_half = sin[:max_positions]
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin per token, [tokens, 1, head_dim] to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+    def rows(self, positions: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Table rows for the tokens at `positions`. With LongRoPE every token of a sequence
+        longer than the original context takes the long set, as in transformers (whose Phi-3
+        generate recomputes the whole sequence when it first grows past it: the runner does the
+        same). spans: (start, end, sequence length) of each sequence's tokens in the step; a
+        token outside them (a captured decode graph) goes by its own position."""
+        if not self.has_long:
+            return positions
+        original = self.rope.original_max_position_embeddings
+        long = positions >= original
+        for start, end, seq_len in spans:
+            long[start:end] = seq_len > original
+        return positions + long.to(positions.dtype) * self.max_positions
+
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin per token, [tokens, 1, rotary_dim] to broadcast over heads."""
+        return self.cos[rows].unsqueeze(1), self.signed_sin[rows].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, head_dim] in the "rotate half" layout of HF Llama weights."""
-    rotated = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return x * cos + rotated * signed_sin
+    """Rotate x [tokens, heads, head_dim] in the "rotate half" layout of HF Llama weights; with
+    a partial rotary only the first cos.shape[-1] dimensions turn, the rest pass through."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        rotated = torch.roll(x, dim // 2, dims=-1)
+        return x * cos + rotated * signed_sin
+    head = x[..., :dim]
+    turned = head * cos + torch.roll(head, dim // 2, dims=-1) * signed_sin
+    return torch.cat((turned, x[..., dim:]), dim=-1)

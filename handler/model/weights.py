@@ -1,4 +1,7 @@
-"""Hugging Face tensor names -> the fused per-layer tensors the forward pass uses."""
+"""Hugging Face tensor names -> the fused per-layer tensors the forward pass uses.
+
+The names follow snapshot/architectures.py's required_tensors (tests check the two agree).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import torch
 from handler.kernels.cpu import CpuKernels
 from handler.model.config import ModelConfig
 from handler.model.linear import Linear, make_linear
+from handler.model.moe import ExpertWeights, SharedExpert
+from handler.model.norms import norm_weight
 
 
 @dataclass
@@ -16,9 +21,14 @@ class LayerWeights:
     input_norm: torch.Tensor
     qkv: Linear  # q, k and v projections stacked: one matmul instead of three
     o: Linear
-    post_norm: torch.Tensor
-    gate_up: Linear  # gate and up projections stacked
-    down: Linear
+    post_norm: torch.Tensor  # the norm before the MLP
+    gate_up: Linear | None  # gate and up projections stacked; None for experts
+    down: Linear | None
+    q_norm: torch.Tensor | None = None  # per-head norms (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma: norms of the attention and MLP outputs
+    mlp_out_norm: torch.Tensor | None = None
+    experts: ExpertWeights | None = None
 
 
 @dataclass
@@ -58,35 +68,75 @@ def load_weights(
     def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         return make_linear(weight, bias, pack, kernels)
 
+    def norm(name: str) -> torch.Tensor:
+        return norm_weight(take(name), config.norm_plus_one)
+
+    def dense(prefix: str, bias: bool) -> tuple[Linear, Linear]:
+        if config.fused_projections:
+            gate_up = linear(take(f"{prefix}.gate_up_proj.weight"), None)
+        else:
+            names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+            gate_up = linear(
+                stacked([f"{n}.weight" for n in names]),
+                stacked([f"{n}.bias" for n in names]) if bias else None,
+            )
+        down = linear(take(f"{prefix}.down_proj.weight"), maybe(f"{prefix}.down_proj.bias", bias))
+        return gate_up, down
+
+    def experts(prefix: str) -> ExpertWeights:
+        shared = None
+        if config.moe is not None and config.moe.shared_expert_size:
+            gate_up, down = dense(f"{prefix}.shared_expert", False)
+            shared = SharedExpert(gate_up, down, take(f"{prefix}.shared_expert_gate.weight"))
+        return ExpertWeights(
+            router=take(f"{prefix}.gate.weight"),
+            gate_up=take(f"{prefix}.experts.gate_up_proj").contiguous(),
+            down=take(f"{prefix}.experts.down_proj").contiguous(),
+            shared=shared,
+        )
+
     layers = []
-    for i in range(config.num_layers):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        qkv = [f"{attn}.{p}_proj" for p in "qkv"]
-        gate_up = [f"{mlp}.gate_proj", f"{mlp}.up_proj"]
+    moe_layers = config.moe.layers if config.moe is not None else (False,) * config.num_layers
+    for i, has_experts in enumerate(moe_layers):
+        p = f"model.layers.{i}"
+        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+        if config.fused_projections:
+            qkv = linear(take(f"{attn}.qkv_proj.weight"), None)
+        else:
+            names = [f"{attn}.{x}_proj" for x in "qkv"]
+            qkv = linear(
+                stacked([f"{n}.weight" for n in names]),
+                stacked([f"{n}.bias" for n in names]) if config.qkv_bias else None,
+            )
+        gate_up, down = (None, None) if has_experts else dense(mlp, config.mlp_bias)
+        sandwich = config.sandwich_norms
         layers.append(
             LayerWeights(
-                input_norm=take(f"model.layers.{i}.input_layernorm.weight"),
-                qkv=linear(
-                    stacked([f"{n}.weight" for n in qkv]),
-                    stacked([f"{n}.bias" for n in qkv]) if config.qkv_bias else None,
-                ),
+                input_norm=norm(f"{p}.input_layernorm.weight"),
+                qkv=qkv,
                 o=linear(
                     take(f"{attn}.o_proj.weight"), maybe(f"{attn}.o_proj.bias", config.o_bias)
                 ),
-                post_norm=take(f"model.layers.{i}.post_attention_layernorm.weight"),
-                gate_up=linear(
-                    stacked([f"{n}.weight" for n in gate_up]),
-                    stacked([f"{n}.bias" for n in gate_up]) if config.mlp_bias else None,
+                # Gemma's post_attention_layernorm normalises the attention output; its MLP
+                # input norm is pre_feedforward_layernorm.
+                post_norm=norm(
+                    f"{p}.pre_feedforward_layernorm.weight"
+                    if sandwich
+                    else f"{p}.post_attention_layernorm.weight"
                 ),
-                down=linear(
-                    take(f"{mlp}.down_proj.weight"), maybe(f"{mlp}.down_proj.bias", config.mlp_bias)
-                ),
+                gate_up=gate_up,
+                down=down,
+                q_norm=norm(f"{attn}.q_norm.weight") if config.qk_norm else None,
+                k_norm=norm(f"{attn}.k_norm.weight") if config.qk_norm else None,
+                attn_out_norm=norm(f"{p}.post_attention_layernorm.weight") if sandwich else None,
+                mlp_out_norm=norm(f"{p}.post_feedforward_layernorm.weight") if sandwich else None,
+                experts=experts(mlp) if has_experts else None,
             )
         )
     embed = take("model.embed_tokens.weight")
     return ModelWeights(
         embed=embed,
         layers=layers,
-        norm=take("model.norm.weight"),
+        norm=norm("model.norm.weight"),
         lm_head=linear(embed if config.tie_word_embeddings else take("lm_head.weight"), None),
     )

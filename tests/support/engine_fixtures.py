@@ -11,10 +11,12 @@ import torch
 from handler.engine.config import EngineConfig
 from handler.engine.llm_engine import LLMEngine
 from handler.engine.params import SamplingParams
+from handler.engine.sequence import Sequence
 from handler.model.config import ModelConfig
 
 VOCAB = 384
 EOS_ID = 3
+ONE_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
 
 _TINY_SHAPE: dict[str, Any] = {
     "vocab_size": VOCAB,
@@ -65,14 +67,28 @@ class TinyModel:
         return generated
 
 
+# transformers' config class of each architecture build_tiny knows.
+CONFIG_CLASSES = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+    "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
+    "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
+    "MixtralForCausalLM": "MixtralConfig",
+    "Gemma2ForCausalLM": "Gemma2Config",
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
+    "Phi3ForCausalLM": "Phi3Config",
+}
+
+
 def build_tiny(architecture: str, seed: int = 0, **overrides: Any) -> TinyModel:
+    """A random-weight model of `architecture` at the tiny shape, with `overrides` switching a
+    family's features on (windows, soft-caps, experts, rotary variants). Its weights are
+    transformers' state_dict(), the names a snapshot stores."""
     import transformers
 
-    config_class = {
-        "LlamaForCausalLM": transformers.LlamaConfig,
-        "MistralForCausalLM": transformers.MistralConfig,
-        "Qwen2ForCausalLM": transformers.Qwen2Config,
-    }[architecture]
+    config_class = getattr(transformers, CONFIG_CLASSES[architecture])
     extra: dict[str, Any] = {}
     if architecture == "MistralForCausalLM":
         extra["sliding_window"] = None
@@ -112,3 +128,39 @@ def run_staggered(
         step += 1
         assert step < 10_000, "engine did not finish"
     return outputs
+
+
+def teacher_forced_logits(
+    engine: LLMEngine, sequences: list[list[int]], decodes: int
+) -> torch.Tensor:
+    """float32 logits of every token: one prefill step of all but the last `decodes` tokens of
+    each sequence, then batched decode steps over the rest."""
+    runner, manager = engine.runner, engine.block_manager
+    seqs = []
+    for i, tokens in enumerate(sequences):
+        seq = Sequence(i, tokens, ONE_TOKEN, None)
+        # Every group's blocks for the whole sequence (window groups keep them all here).
+        hit = manager.find_cached_prefix(Sequence(i, [], ONE_TOKEN, None))
+        assert manager.allocate_new(seq, hit, len(tokens)), "the KV cache is too small"
+        seqs.append(seq)
+
+    def run(items: list[tuple[Sequence, int]]) -> torch.Tensor:
+        input_ids, positions, meta, _, _ = runner._prepare(items)
+        hidden = runner.model.forward(input_ids, positions, meta, runner.kv_caches)
+        for seq, count in items:
+            seq.num_computed_tokens += count
+        return runner.model.compute_logits(hidden).float()
+
+    with torch.inference_mode():
+        steps = [run([(seq, len(seq) - decodes) for seq in seqs])]
+        for _ in range(decodes):
+            steps.append(run([(seq, 1) for seq in seqs]))
+    for seq in seqs:
+        manager.free(seq)
+    return torch.cat(steps)
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(reference || other) over rows of logits."""
+    ref, oth = reference.log_softmax(-1), other.log_softmax(-1)
+    return float((ref.exp() * (ref - oth)).sum(-1).mean())

@@ -91,6 +91,29 @@ def test_fill_refuses_what_does_not_fit():
         buffers.fill(_step(5, 2), graph_batch=8)
 
 
+def test_every_kv_groups_tables_and_slots_have_static_buffers():
+    buffers = StaticDecodeBuffers.allocate(8, 4, "cpu", kv_groups=3)
+    step = _step(3, 2, seed=3)
+    other = [_step(3, 2, seed=s) for s in (4, 5)]
+    step.group_block_tables = [o.block_tables for o in other]
+    step.group_slot_mappings = [o.slot_mapping for o in other]
+    buffers.fill(step, graph_batch=4)
+    meta = AttentionMetadata.for_decode_graph(buffers.view(4, BLOCK_SIZE))
+    assert meta.group_block_tables is not None and meta.group_slot_mappings is not None
+    assert len(meta.group_block_tables) == 3
+    for g, o in enumerate(other, start=1):
+        assert torch.equal(meta.group_block_tables[g][:3, :2], o.block_tables)
+        assert torch.equal(meta.group_slot_mappings[g][:3], o.slot_mapping)
+        assert meta.group_slot_mappings[g][3].item() == -1  # padding writes nowhere
+        # The views are the buffers a graph reads.
+        assert meta.group_block_tables[g].data_ptr() == buffers.group_block_tables[g - 1].data_ptr()
+    with pytest.raises(ValueError, match="3 KV groups"):
+        buffers.fill(_step(3, 2), graph_batch=4)
+    # A one-group model's metadata has no group tables.
+    single = StaticDecodeBuffers.allocate(8, 4, "cpu")
+    assert AttentionMetadata.for_decode_graph(single.view(4, BLOCK_SIZE)).group_block_tables is None
+
+
 class ToyDecoder:
     """One attention layer over a paged cache: embeds, stores KV by slot, attends."""
 

@@ -44,9 +44,13 @@ def paged_prefill_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
     compute_dtype: torch.dtype = torch.float64,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (the last ones of its context) over its
-    whole cached context. q: [T, Hq, D]; returns [T, Hq, D] in q's dtype."""
+    whole cached context. q: [T, Hq, D]; returns [T, Hq, D] in q's dtype. window: a query at
+    position p sees keys p - window + 1 .. p only; softcap: scores -> tanh(scores / cap) * cap
+    before the mask (transformers' order)."""
     out = torch.zeros_like(q)
     group = q.shape[1] // k_cache.shape[2]
     starts = cu_seqlens_q.tolist()
@@ -61,9 +65,13 @@ def paged_prefill_attention_reference(
         values = values.repeat_interleave(group, dim=1)
         queries = q[q_start:q_end].to(compute_dtype)  # [q_len, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
         key_pos = torch.arange(context_len, device=q.device)
         visible = key_pos[None, :] <= query_pos[:, None]
+        if window is not None:
+            visible &= key_pos[None, :] > query_pos[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
@@ -78,10 +86,21 @@ def paged_decode_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
     compute_dtype: torch.dtype = torch.float64,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (the last of its context). q: [B, Hq, D] -> [B, Hq, D]."""
     batch = q.shape[0]
     cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     return paged_prefill_attention_reference(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, compute_dtype
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        scale,
+        compute_dtype,
+        window,
+        softcap,
     )

@@ -220,6 +220,96 @@ def test_prefill_matches_reference(block_size, head_dim, group, num_kv_heads, se
     assert rel_error(out, expected) < TOLERANCE[dtype]
 
 
+def release_before(tables, first_needed, block_size, k_cache, v_cache):
+    """Point each sequence's table entries wholly before first_needed[i] at one garbage block, as
+    a released window block reads (block 0 in the engine, holding someone else's keys): the
+    kernels must mask them out. The garbage is large but finite, like real keys."""
+    garbage = k_cache.shape[0] - 1
+    k_cache[garbage] = 1.0e3
+    v_cache[garbage] = -1.0e3
+    for i, first in enumerate(first_needed):
+        tables[i, : max(first, 0) // block_size] = garbage
+
+
+WINDOW_DECODE_CASES = [
+    # block_size, head_dim, group, num_kv_heads, context lengths, window, soft-cap
+    (16, 64, 2, 2, [1, 17, 40, 100], 24, None),
+    (16, 128, 1, 1, [33, 70], 16, 30.0),
+    (32, 64, 4, 1, [65, 5], None, 20.0),
+    (16, 64, 3, 2, [90, 47], 5, 2.0),
+]
+
+
+@in_process
+@pytest.mark.parametrize(
+    "block_size,head_dim,group,num_kv_heads,lens,window,softcap", WINDOW_DECODE_CASES
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_window_and_softcap_matches_reference(
+    block_size, head_dim, group, num_kv_heads, lens, window, softcap, dtype
+):
+    gen = torch.Generator().manual_seed(hash((block_size, head_dim, group, window)) % 2**31)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+    tables = random_block_tables(lens, block_size, num_blocks - 1, gen)
+    if window is not None:
+        release_before(tables, [n - window for n in lens], block_size, k_cache, v_cache)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # Large queries, so that a soft-cap bites.
+    q = 3 * torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen)
+    q = q.to(dtype).to(DEVICE)
+    scale = head_dim**-0.5
+    features = {"window": window, "softcap": softcap}
+    out = tp.paged_decode_attention(
+        q, k_cache, v_cache, tables, context_lens, scale, block_n=32, **features
+    )
+    expected = ref.paged_decode_attention_reference(
+        q, k_cache, v_cache, tables, context_lens, scale, **features
+    )
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+
+
+WINDOW_PREFILL_CASES = [
+    # block_size, head_dim, group, num_kv_heads, (cached prefix, new tokens), window, soft-cap
+    (16, 64, 1, 2, [(0, 40), (20, 30)], 8, None),
+    (16, 128, 3, 1, [(40, 25), (5, 1)], 24, 30.0),
+    (32, 64, 4, 1, [(0, 70)], None, 5.0),
+    (16, 64, 2, 2, [(70, 17), (0, 33)], 33, 2.0),
+]
+
+
+@in_process
+@pytest.mark.parametrize(
+    "block_size,head_dim,group,num_kv_heads,seqs,window,softcap", WINDOW_PREFILL_CASES
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_with_window_and_softcap_matches_reference(
+    block_size, head_dim, group, num_kv_heads, seqs, window, softcap, dtype
+):
+    gen = torch.Generator().manual_seed(hash((block_size, head_dim, group, window, 1)) % 2**31)
+    lens = [prefix + new for prefix, new in seqs]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+    tables = random_block_tables(lens, block_size, num_blocks - 1, gen)
+    if window is not None:
+        first = [prefix - window + 1 for prefix, _ in seqs]
+        release_before(tables, first, block_size, k_cache, v_cache)
+    new_counts = [new for _, new in seqs]
+    cu = torch.tensor([0] + new_counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = 3 * torch.randn(sum(new_counts), group * num_kv_heads, head_dim, generator=gen)
+    q = q.to(dtype).to(DEVICE)
+    scale = head_dim**-0.5
+    features = {"window": window, "softcap": softcap}
+    out = tp.paged_prefill_attention(
+        q, k_cache, v_cache, tables, cu, context_lens, scale, block_m=16, block_n=32, **features
+    )
+    expected = ref.paged_prefill_attention_reference(
+        q, k_cache, v_cache, tables, cu, context_lens, scale, **features
+    )
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+
+
 @in_process
 def test_store_then_prefill_then_decode_round_trip():
     """The engine's order: store a prompt, attend over it, then decode one more token."""
@@ -300,6 +390,22 @@ def test_backend_mixed_step_matches_reference(decode_lens, prefill_seqs):
     out = tp.TritonPagedBackend().forward(q, k, v, k_cache, v_cache, meta, 0.125)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     assert rel_error(out, expected) < TOLERANCE[torch.float32]
+    # A windowed, soft-capped layer through the same step.
+    expected = ref.paged_prefill_attention_reference(
+        q,
+        expected_k,
+        expected_v,
+        tables,
+        meta.query_start_loc,
+        meta.context_lens,
+        0.125,
+        window=7,
+        softcap=0.5,
+    )
+    out = tp.TritonPagedBackend().forward(
+        q, k, v, k_cache, v_cache, meta, 0.125, sliding_window=7, logit_softcap=0.5
+    )
+    assert rel_error(out, expected) < TOLERANCE[torch.float32]
 
 
 @in_process
@@ -338,6 +444,12 @@ def test_bad_inputs_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match="slot_mapping"):
         tp.store_kvcache(
             q[:, :2], q[:, :2], k_cache, v_cache, torch.zeros(3, dtype=torch.int64, device=DEVICE)
+        )
+    with pytest.raises(ValueError, match="window"):
+        tp.paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        tp.paged_prefill_attention(
+            q, k_cache, v_cache, tables, lens[:1], lens[:0], 1.0, softcap=0.0
         )
 
 
@@ -446,6 +558,45 @@ def test_engine_model_through_the_decode_graph_runner_matches_eager():
         assert sorted(changed.tolist()) == sorted(slots.tolist())
 
 
+@in_process
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_engine_with_windows_and_softcaps_on_triton_matches_transformers(name):
+    """Gemma 2 (soft-capping, alternating windows) and Gemma 3 (5:1-style local and global
+    layers, here 2:1) through the engine on this backend: per-group block tables, released
+    window blocks, chunked prefill and preemption; greedy ids equal transformers' float32."""
+    from handler.engine.params import SamplingParams
+    from tests.support.engine_fixtures import build_tiny, random_prompts, run_staggered
+    from tests.support.families import FAMILIES
+
+    architecture, overrides = FAMILIES[name]
+    tiny = build_tiny(architecture, seed=3, **overrides)
+    prompts = random_prompts(3, 10, 30, seed=4)
+    expected = [tiny.hf_greedy(p, 16) for p in prompts]
+    engine = tiny.engine(
+        attention_backend="triton",
+        device=DEVICE,
+        block_size=4,
+        max_num_batched_tokens=7,
+        num_kv_blocks=24,
+    )
+    assert engine.attention_backend == "triton"
+    assert engine.runner.model.kv_layout.num_groups > 1
+    if not ON_CUDA:
+        # Decode steps replay "graphs" holding every group's block tables (an eager stand-in
+        # for capture off CUDA; on CUDA the engine captured real ones).
+        from warmup.cuda_graphs import capture_eagerly
+
+        engine.runner.capture_decode_graphs(
+            4, -(-engine.max_model_len // 4), [1, 2, 4], capture_eagerly
+        )
+    outputs = run_staggered(
+        engine, prompts, SamplingParams(max_new_tokens=16, temperature=0.0), [0, 0, 2]
+    )
+    assert [outputs[i] for i in range(3)] == expected
+    assert engine.stats().preemptions > 0
+    assert engine.runner.graph_steps > 0
+
+
 # Compiles the kernels for an H100/H200 (sm_90) with the ptxas and cuobjdump that the triton wheel
 # ships, no GPU needed, and prints one JSON line per kernel: registers, stack (spills) and the
 # instructions that matter. It runs in a fresh process: the interpreter must be off there.
@@ -460,21 +611,25 @@ cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 common = {"k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32"}
 shapes = {"GROUP": 4, "NUM_KV_HEADS": 8, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128,
           "BLOCK_N": 64, "DOT_PRECISION": "tf32", "UPCAST_DOT": False}
+attention = {"q_ptr": "*bf16", **common, "context_lens_ptr": "*i32", "out_ptr": "*bf16",
+             "stride_table": "i32", "scale_log2": "fp32", "window": "i32", "softcap_log2": "fp32"}
 kernels = {
     "store": (tp._store_kvcache_kernel,
               {"key_ptr": "*bf16", "value_ptr": "*bf16", "k_cache_ptr": "*bf16",
                "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "key_stride_t": "i32",
                "value_stride_t": "i32"}, {"ROW": 1024, "BLOCK": 1024}),
-    "decode": (tp._paged_decode_kernel,
-               {"q_ptr": "*bf16", **common, "context_lens_ptr": "*i32", "out_ptr": "*bf16",
-                "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32", "stride_oh": "i32",
-                "stride_table": "i32", "scale_log2": "fp32"}, {**shapes, "BLOCK_G": 16}),
-    "prefill": (tp._paged_prefill_kernel,
-                {"q_ptr": "*bf16", **common, "cu_seqlens_q_ptr": "*i32",
-                 "context_lens_ptr": "*i32", "out_ptr": "*bf16", "stride_qt": "i32",
-                 "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32",
-                 "stride_table": "i32", "scale_log2": "fp32"}, {**shapes, "BLOCK_M": 64}),
 }
+# Plain attention, and with a sliding window and soft-capping switched on.
+for suffix, on in (("", False), ("+features", True)):
+    flags = {"HAS_WINDOW": on, "HAS_SOFTCAP": on}
+    kernels["decode" + suffix] = (
+        tp._paged_decode_kernel,
+        {**attention, "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
+         "stride_oh": "i32"}, {**shapes, **flags, "BLOCK_G": 16})
+    kernels["prefill" + suffix] = (
+        tp._paged_prefill_kernel,
+        {**attention, "cu_seqlens_q_ptr": "*i32", "stride_qt": "i32", "stride_qh": "i32",
+         "stride_ot": "i32", "stride_oh": "i32"}, {**shapes, **flags, "BLOCK_M": 64})
 for name, (fn, signature, constants) in kernels.items():
     signature = {**signature, **{k: "constexpr" for k in constants}}
     # What a launch with torch's aligned allocations specializes: pointers and strides % 16.
@@ -512,9 +667,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = {r["kernel"]: r for r in map(json.loads, done.stdout.strip().splitlines())}
-    assert set(report) == {"store", "decode", "prefill"}
+    assert set(report) == {"store", "decode", "prefill", "decode+features", "prefill+features"}
     for name, kernel in report.items():
         assert kernel["stack"] == 0 and kernel["local"] == 0, f"{name} spills: {kernel}"
         assert kernel["regs"] <= 255
         assert kernel["wide_loads"] > 0, f"{name} reads in narrow accesses: {kernel}"
-    assert report["prefill"]["wgmma"] > 0
+    assert report["prefill"]["wgmma"] > 0 and report["prefill+features"]["wgmma"] > 0

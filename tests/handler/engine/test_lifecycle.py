@@ -158,9 +158,9 @@ def test_prompt_longer_than_a_tiny_cache_is_refused(tiny: TinyModel) -> None:
 def test_unsupported_models_are_refused_by_name(tiny: TinyModel) -> None:
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         ModelConfig.from_hf_config({**tiny.hf_config, "architectures": ["GPT2LMHeadModel"]})
-    mistral = {**tiny.hf_config, "architectures": ["MistralForCausalLM"], "sliding_window": 64}
-    with pytest.raises(UnsupportedModelError, match="sliding"):
-        ModelConfig.from_hf_config(mistral)
+    gemma3 = {**tiny.hf_config, "architectures": ["Gemma3ForCausalLM"]}
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        ModelConfig.from_hf_config({**gemma3, "use_bidirectional_attention": True})
     yarn = {**tiny.hf_config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(UnsupportedModelError, match="yarn"):
         ModelConfig.from_hf_config(yarn)

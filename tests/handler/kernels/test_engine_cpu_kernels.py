@@ -20,39 +20,15 @@ from handler.kernels.build import compiler
 from handler.kernels.cpu import load_cpu_kernels
 from handler.model.linear import packing_supported
 from tests.conftest import DEFAULT_SNAPSHOT
-from tests.support.engine_fixtures import build_tiny, random_prompts, run_staggered
+from tests.support.engine_fixtures import (
+    build_tiny,
+    kl_divergence,
+    random_prompts,
+    run_staggered,
+    teacher_forced_logits,
+)
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
-
-ONE_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
-
-
-def teacher_forced_logits(
-    engine: LLMEngine, sequences: list[list[int]], decodes: int
-) -> torch.Tensor:
-    """float32 logits of every token: one prefill step of all but the last `decodes` tokens of
-    each sequence, then batched decode steps over the rest."""
-    runner, block_size = engine.runner, engine.config.block_size
-    seqs, next_block = [], 0
-    for i, tokens in enumerate(sequences):
-        seq = Sequence(i, tokens, ONE_TOKEN, None)
-        count = -(-len(tokens) // block_size)
-        seq.block_table = list(range(next_block, next_block + count))
-        next_block += count
-        seqs.append(seq)
-
-    def run(items: list[tuple[Sequence, int]]) -> torch.Tensor:
-        input_ids, positions, meta, _, _ = runner._prepare(items)
-        hidden = runner.model.forward(input_ids, positions, meta, runner.kv_caches)
-        for seq, count in items:
-            seq.num_computed_tokens += count
-        return runner.model.compute_logits(hidden).float()
-
-    with torch.inference_mode():
-        steps = [run([(seq, len(seq) - decodes) for seq in seqs])]
-        for _ in range(decodes):
-            steps.append(run([(seq, 1) for seq in seqs]))
-    return torch.cat(steps)
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
@@ -69,7 +45,7 @@ def test_kernels_are_as_close_to_float32_as_plain_torch(architecture: str) -> No
     fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
     assert float(fused_err.mean()) <= float(plain_err.mean())  # measured ~0.9x
     assert float(fused_err.max()) <= 1.25 * float(plain_err.max())
-    assert _kl(reference, fused) <= 1.25 * _kl(reference, plain)
+    assert kl_divergence(reference, fused) <= 1.25 * kl_divergence(reference, plain)
     agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
     plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
     assert float(agree) >= float(plain_agree) - 0.02
@@ -96,17 +72,11 @@ def test_kernels_on_the_default_snapshot_track_float32() -> None:
     # The kernel path keeps the residual stream in float32: measured 0.60x plain bfloat16's
     # mean error and 0.61x its KL here.
     assert float(fused_err.mean()) <= 0.8 * float(plain_err.mean())
-    assert _kl(reference, fused) <= 0.85 * _kl(reference, plain)
+    assert kl_divergence(reference, fused) <= 0.85 * kl_divergence(reference, plain)
     agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
     plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
     # Random-token prompts give flat distributions: near ties flip either way in bfloat16.
     assert float(agree) >= float(plain_agree) - 0.03
-
-
-def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean KL(reference || other) over rows of logits."""
-    ref, oth = reference.log_softmax(-1), other.log_softmax(-1)
-    return float((ref.exp() * (ref - oth)).sum(-1).mean())
 
 
 def test_backend_choice_follows_dtype_and_settings() -> None:
