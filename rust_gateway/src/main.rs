@@ -158,8 +158,6 @@ async fn serve(
     };
     let (engine, worker_events) = Engine::start(engine_config, readiness.clone(), metrics.clone());
     let (model_slot, model_watch) = watch::channel(ModelSlot::Loading);
-    // The job runner delivers through the installed webhooks (it has no state of its own).
-    jobs::install_webhooks(webhooks.clone());
     let app = AppState {
         config: config.clone(),
         readiness: readiness.clone(),

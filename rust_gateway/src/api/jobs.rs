@@ -100,6 +100,7 @@ async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<St
         generator: app.generator.clone(),
         store: app.jobs.clone(),
         metrics: app.metrics.clone(),
+        webhooks: app.webhooks.clone(),
     };
     if webhook.is_some() {
         // Settled by the delivery at the job's end; the shutdown drain waits for it.

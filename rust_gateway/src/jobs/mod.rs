@@ -12,4 +12,4 @@ pub use input::{JobRequest, RunBody};
 pub use output::JobFormat;
 pub use runner::{run_job, JobContext, JobSpec};
 pub use store::{JobStatus, JobStore, JobView, StoreFull};
-pub use webhook::{install as install_webhooks, WebhookPolicy, Webhooks};
+pub use webhook::{WebhookPolicy, Webhooks};

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::output::{JobFormat, JobOutput};
 use super::store::{JobStatus, JobStore};
-use super::webhook;
+use super::webhook::Webhooks;
 use crate::engine::EngineError;
 use crate::generation::{Generator, TextEvent, TextStream};
 use crate::metrics::Metrics;
@@ -23,6 +23,7 @@ pub struct JobContext {
     pub generator: Generator,
     pub store: JobStore,
     pub metrics: Arc<Metrics>,
+    pub webhooks: Webhooks,
 }
 
 pub struct JobSpec {
@@ -105,7 +106,7 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
         .with_label_values(&[view.status.as_str()])
         .inc();
     if let Some(url) = spec.webhook {
-        webhook::deliver(url, view).await;
+        context.webhooks.deliver(url, view).await;
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::address::{classify, is_local_name, Allowlist, BadAllowEntry, Refused};
@@ -176,7 +176,7 @@ impl Webhooks {
         self.delivering.load(Ordering::SeqCst)
     }
 
-    async fn deliver(&self, url: reqwest::Url, job: JobView) {
+    pub async fn deliver(&self, url: reqwest::Url, job: JobView) {
         let _owed = Counted::settle(&self.owed);
         let _delivering = Counted::start(&self.delivering);
         for attempt in 0..ATTEMPTS {
@@ -241,24 +241,6 @@ impl Drop for Counted<'_> {
             .0
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
-}
-
-/// The process's webhooks, installed once at start-up: the job runner delivers through them.
-static INSTALLED: OnceLock<Webhooks> = OnceLock::new();
-
-pub fn install(webhooks: Webhooks) {
-    if INSTALLED.set(webhooks).is_err() {
-        tracing::warn!("webhooks were already installed");
-    }
-}
-
-/// Delivers with the installed policy (without one: public addresses only, no allowlist).
-pub async fn deliver(url: reqwest::Url, job: JobView) {
-    INSTALLED
-        .get_or_init(Webhooks::default)
-        .clone()
-        .deliver(url, job)
-        .await
 }
 
 #[cfg(test)]
