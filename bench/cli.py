@@ -11,6 +11,8 @@ HELP: dict[str, str] = {
     "gateway": "gateway requests/s and latency vs the runpod local server",
     "coldstart": "exec to first token vs import torch and the HF path",
     "gpu": "GPU checks: H2D, Triton kernels, CUDA graphs, throughput, cold start",
+    "structured": "engine tokens/s with every request under a JSON schema vs unconstrained",
+    "grammar-engines": "llguidance vs outlines-core vs xgrammar: setup, compile, mask per token",
 }
 
 
@@ -36,6 +38,14 @@ def bench_module(name: str) -> ModuleType:
         from bench import gpu
 
         return gpu
+    if name == "structured":
+        from bench import structured
+
+        return structured
+    if name == "grammar-engines":
+        from bench import grammar_engines
+
+        return grammar_engines
     raise ValueError(f"unknown benchmark {name!r}")
 
 

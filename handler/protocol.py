@@ -15,7 +15,7 @@ import msgpack
 
 from handler.engine.params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
 
@@ -27,10 +27,11 @@ MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
     "outputs": ("step", "items"),
     "error": ("id", "message"),
     "stats": ("running", "waiting", "kv_used", "kv_total", "prefix_hits", "preemptions"),
+    "prompt_logprobs": ("id", "items"),
     "fatal": ("message",),
     "welcome": ("version",),
     "reject": ("reason",),
-    "submit": ("id", "prompt", "params"),
+    "submit": ("id", "prompt", "params", "fork_of"),
     "cancel": ("id",),
     "shutdown": (),
 }
@@ -71,6 +72,16 @@ def output_item(
         "top": None if top is None else [[int(t), float(lp)] for t, lp in top],
         "finish": finish,
     }
+
+
+def prompt_logprobs_items(
+    entries: list[tuple[float, list[tuple[int, float]] | None]],
+) -> list[list[Any]]:
+    """A prompt_logprobs message's items: [logprob, [[token, logprob]] or nil] per token."""
+    return [
+        [float(lp), None if top is None else [[int(t), float(v)] for t, v in top]]
+        for lp, top in entries
+    ]
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -115,7 +126,22 @@ def sampling_params(msg: dict[str, Any]) -> tuple[list[int], SamplingParams]:
     stop = params["stop_token_ids"]
     if not isinstance(stop, list):
         raise ProtocolError("submit.params.stop_token_ids must be a list of integers")
-    return list(prompt), SamplingParams(**{**params, "stop_token_ids": list(stop)})
+    bias = params["logit_bias"]
+    if not isinstance(bias, list):
+        raise ProtocolError("submit.params.logit_bias must be a list of [token, bias] pairs")
+    # Pairs become tuples when well formed; SamplingParams.validate names anything else.
+    bias = [tuple(e) if isinstance(e, list) else e for e in bias]
+    return list(prompt), SamplingParams(
+        **{**params, "stop_token_ids": list(stop), "logit_bias": bias}
+    )
+
+
+def fork_of(msg: dict[str, Any]) -> int | None:
+    """A submit's fork_of: nil, or the id of an earlier request with the same prompt."""
+    parent = msg.get("fork_of")
+    if parent is not None and (type(parent) is not int or parent < 0):
+        raise ProtocolError("submit.fork_of must be nil or a non-negative integer")
+    return parent
 
 
 class FrameSocket:

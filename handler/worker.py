@@ -22,8 +22,10 @@ from handler.protocol import (
     PROTOCOL_VERSION,
     FrameSocket,
     ProtocolError,
+    fork_of,
     message,
     output_item,
+    prompt_logprobs_items,
     sampling_params,
 )
 from handler.worker_settings import WorkerSettings
@@ -144,7 +146,7 @@ def submit(engine: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
     request_id = msg.get("id") if isinstance(msg.get("id"), int) else -1
     try:
         prompt, params = sampling_params(msg)
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(request_id, prompt, params, fork_of=fork_of(msg))
         return None
     except (ProtocolError, ValueError) as exc:
         return message("error", id=max(request_id, 0), message=str(exc))
@@ -194,6 +196,11 @@ def serve(engine: Any, conn: FrameSocket, inbox: Inbox) -> int:
             outputs = engine.step()
             step += 1
             if outputs:
+                # A request's prompt logprobs come once, before its first outputs item.
+                for o in outputs:
+                    if o.prompt_logprobs is not None and o.error is None:
+                        items = prompt_logprobs_items(o.prompt_logprobs)
+                        conn.send(message("prompt_logprobs", id=o.request_id, items=items))
                 items = [
                     output_item(
                         o.request_id, o.token_id, o.logprob, o.top_logprobs, o.finish_reason

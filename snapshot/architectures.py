@@ -71,23 +71,6 @@ class ArchitectureSpec:
     # Families that differ only in this release of a config (e.g. Gemma 3 text from a GGUF).
     other_model_types: tuple[str, ...] = ()
 
-    @property
-    def plain_llama_layout(self) -> bool:
-        """Llama's layer layout, nothing added: what the fused CPU kernels implement."""
-        return not (
-            self.norm_plus_one
-            or self.qk_norm
-            or self.sandwich_norms
-            or self.fused_projections
-            or self.scaled_embeddings
-            or self.query_pre_attn_scalar
-            or self.attention_softcap
-            or self.final_softcap
-            or self.local_rope
-            or self.top_level_original_max
-            or self.moe is not None
-        )
-
 
 def _llama_biases(config: HFConfig) -> Biases:
     attention = bool(config.get("attention_bias", False))

@@ -1,16 +1,18 @@
 """Paged attention on the CPU with the fused C kernels (handler/kernels), bfloat16 only.
 
 Decodes read the paged cache in place, one kernel call per layer for the whole batch: no
-gathered copies, transposes or masks. Prefill chunks go through the torch backend's SDPA path
-(a step holds few of them and SDPA is efficient on many query rows). Keys and values are stored
-by a kernel that skips padding slots (-1).
+gathered copies, transposes or masks. A sliding window and logit soft-capping are done in the
+kernel too: a windowed decode reads only its window's keys (never the blocks a window group
+released), so it costs the window, not the context. Prefill chunks go through the torch
+backend's path, windows and soft-caps included (a step holds few of them and SDPA is efficient
+on many query rows). Keys and values are stored by a kernel that skips padding slots (-1).
 """
 
 from __future__ import annotations
 
 import torch
 
-from handler.attention.base import AttentionBackend, AttentionMetadata, refuse_features
+from handler.attention.base import AttentionBackend, AttentionMetadata
 from handler.attention.torch_backend import PrefillPlan, attend_prefill, plan_prefills
 from handler.kernels.cpu import CpuKernels, check_range, load_cpu_kernels
 
@@ -52,8 +54,6 @@ class CpuPagedBackend(AttentionBackend):
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
     ) -> torch.Tensor:
-        # Windows and soft-capping are not in these kernels yet: refuse rather than ignore them.
-        refuse_features(self.name, sliding_window, logit_softcap)
         # The first layer of a step checks shapes and indices; the others share them.
         check = self._unchecked
         if check:
@@ -76,6 +76,8 @@ class CpuPagedBackend(AttentionBackend):
                 meta.max_context_len,
                 scale,
                 check,
+                sliding_window,
+                logit_softcap,
             )
         if not self._prefills and decoded is not None:
             return decoded
@@ -86,5 +88,7 @@ class CpuPagedBackend(AttentionBackend):
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         for plan in self._prefills:
-            out[plan.start : plan.end] = attend_prefill(q, k, v, k_flat, v_flat, plan, scale)
+            out[plan.start : plan.end] = attend_prefill(
+                q, k, v, k_flat, v_flat, plan, scale, sliding_window, logit_softcap
+            )
         return out

@@ -20,7 +20,7 @@ GRAPH_SAFE_BACKENDS = frozenset({"triton", "flash"})
 # The per-layer attention features (base.py) each backend implements; the others refuse them.
 FEATURES: dict[str, frozenset[str]] = {
     "torch": frozenset({SLIDING_WINDOW, LOGIT_SOFTCAP}),
-    "cpu": frozenset(),
+    "cpu": frozenset({SLIDING_WINDOW, LOGIT_SOFTCAP}),
     "triton": frozenset({SLIDING_WINDOW, LOGIT_SOFTCAP}),
     "flash": frozenset({SLIDING_WINDOW, LOGIT_SOFTCAP}),
 }

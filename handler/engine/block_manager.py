@@ -87,11 +87,15 @@ class BlockManager:
             return 0
         return max(0, next_position - window + 1) // self.block_size
 
+    def no_hit(self) -> PrefixHit:
+        """No cached prefix: every block fresh."""
+        return PrefixHit(0, [[] for _ in range(self.num_groups)], [0] * self.num_groups)
+
     def find_cached_prefix(self, seq: Sequence) -> PrefixHit:
         """Cached blocks matching seq's leading full blocks; one token is always left to compute."""
-        groups = self.num_groups
         if not self.enable_prefix_caching:
-            return PrefixHit(0, [[] for _ in range(groups)], [0] * groups)
+            return self.no_hit()
+        groups = self.num_groups
         bs = self.block_size
         # found[g][k]: group g's cached block for logical block k, None when it has none.
         found: list[list[int | None]] = [[] for _ in range(groups)]

@@ -10,9 +10,14 @@ from typing import Any
 import torch
 
 from handler.attention import create_backend
-from handler.attention.registry import GRAPH_SAFE_BACKENDS, resolve_backend_name
+from handler.attention.registry import (
+    GRAPH_SAFE_BACKENDS,
+    missing_features,
+    resolve_backend_name,
+)
 from handler.engine.block_manager import BlockManager
 from handler.engine.config import DEVICE_AUTO, EngineConfig
+from handler.engine.constraint import GrammarMatcher, GrammarTokenizer, MaskTiming
 from handler.engine.device_start import DeviceStart, plan_device_start
 from handler.engine.faults import FaultInjector
 from handler.engine.kv_cache import (
@@ -41,9 +46,11 @@ class LLMEngine:
         eos_token_ids: list[int],
         config: EngineConfig,
         on_phase: Callable[[str], None] | None = None,
+        tokenizer_path: str | Path | None = None,
     ) -> None:
         """on_phase(name) is called as start-up phases end: "kv_allocated", then
-        "graphs_captured" when decode graphs were captured (docs/protocol.md names)."""
+        "graphs_captured" when decode graphs were captured (docs/protocol.md names).
+        tokenizer_path: a tokenizer.json for constrained requests (read on the first one)."""
         self.model_config = model_config
         self.config = config
         self.model_name = ""  # what the snapshot says it was built from (from_snapshot)
@@ -59,10 +66,10 @@ class LLMEngine:
         if config.max_model_len is not None:
             context = min(context, config.max_model_len)
         kernels = None
-        # The fused CPU kernels run the plain Llama layout with plain attention; every other
-        # family runs torch ops (and the attention backend its features need).
+        # The fused CPU kernels run the dense families with the attention features their cpu
+        # backend has; the others run torch ops (and the attention backend their features need).
         needs = model_config.attention_needs(context)
-        fused = model_config.fused_cpu_supported and not needs
+        fused = model_config.fused_cpu_supported and not missing_features("cpu", needs)
         if device.type == "cpu" and dtype == torch.bfloat16 and config.cpu_kernels and fused:
             kernels = load_cpu_kernels()
         self.attention_backend = resolve_backend_name(
@@ -145,6 +152,12 @@ class LLMEngine:
         self._last_step_tokens = 0
         self._last_step_seqs = 0
         self._weight_backing: list[object] = []
+        self.grammar_tokenizer: GrammarTokenizer | None = None
+        if tokenizer_path is not None:
+            self.grammar_tokenizer = GrammarTokenizer(
+                tokenizer_path, model_config.vocab_size, self.eos_token_ids
+            )
+        self._constrained_tokens = 0
 
     def _capture_decode_graphs(self, max_batch: int) -> list[CaptureTiming]:
         """Decode graphs up to max_batch (none for 0), at the warm profile's sizes if it has them;
@@ -182,6 +195,7 @@ class LLMEngine:
             eos_token_ids(snap.generation_config, snap.config),
             config,
             on_phase,
+            Path(path) / "tokenizer.json",
         )
         engine.model_name = str(
             snap.manifest.get("source") or snap.config.get("_name_or_path") or ""
@@ -191,20 +205,40 @@ class LLMEngine:
         return engine
 
     def add_request(
-        self, request_id: int, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fork_of: int | None = None,
     ) -> None:
-        """Queue a request; ValueError (engine unchanged) when it cannot be served."""
+        """Queue a request; ValueError (engine unchanged) when it cannot be served.
+
+        fork_of: an earlier request with the same prompt; while it is live and in its prefill,
+        this one waits, then takes the prompt's blocks from the prefix cache."""
         if request_id in self._live:
             raise ValueError(f"request {request_id} is already running")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate(self.model_config.vocab_size)
         self._validate_prompt(prompt_token_ids)
+        matcher = None
+        if params.constraint is not None:
+            if self.grammar_tokenizer is None:
+                raise ValueError("constraint: this engine has no tokenizer to run grammars with")
+            matcher = GrammarMatcher.build(self.grammar_tokenizer, params.constraint)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
         seq = Sequence(request_id, prompt_token_ids, params, generator)
+        seq.matcher = matcher
+        seq.eos_ids = self.eos_token_ids
+        seq.end_ids = sorted(self._eos | set(params.stop_token_ids))
+        parent = self._live.get(fork_of) if fork_of is not None else None
+        if parent is not None and parent.token_ids[: parent.num_prompt_tokens] == list(
+            prompt_token_ids
+        ):
+            seq.fork_parent = parent
         self._live[request_id] = seq
         self.scheduler.add(seq)
 
@@ -246,34 +280,49 @@ class LLMEngine:
         if result is None:
             return []
         outputs = []
-        failed = result.failed
+        failed = self._advance_matchers(sampled, result.token_ids, result.failed)
         for row, seq in enumerate(sampled):
-            if failed and row in failed:
-                self._finish(seq, failed=True)
-                outputs.append(TokenOutput(seq.request_id, None, None, None, "error", failed[row]))
-                continue
             token = result.token_ids[row]
+            error = failed.get(row) if failed else None
+            if error is not None:
+                self._finish(seq, failed=True)
+                outputs.append(TokenOutput(seq.request_id, None, None, None, "error", error))
+                continue
             seq.token_ids.append(token)
             self._generated_tokens += 1
             finish = self._finish_reason(seq, token)
             if finish is not None:
                 self._finish(seq)
-            outputs.append(
-                TokenOutput(
-                    seq.request_id,
-                    token,
-                    result.logprobs[row],
-                    result.top_logprobs[row],
-                    finish,
-                )
+            out = TokenOutput(
+                seq.request_id, token, result.logprobs[row], result.top_logprobs[row], finish
             )
+            if seq.wants_prompt_logprobs:
+                out.prompt_logprobs = seq.prompt_logprobs
+                seq.prompt_logprobs, seq.prompt_logprobs_done = None, True
+            outputs.append(out)
         return outputs
+
+    def _advance_matchers(
+        self, sampled: list[Sequence], tokens: list[int], failed: dict[int, str]
+    ) -> dict[int, str]:
+        """Feed each constrained row's token to its grammar; failed, plus the rows it refused."""
+        rows = [
+            row for row, seq in enumerate(sampled) if seq.matcher is not None and row not in failed
+        ]
+        if not rows:
+            return failed
+        self._constrained_tokens += len(rows)
+        pairs = [(sampled[row].matcher, tokens[row]) for row in rows]
+        errors = self.runner.masker.consume(pairs)  # type: ignore[arg-type]
+        refused = {row: error for row, error in zip(rows, errors, strict=True) if error}
+        return {**failed, **refused} if refused else failed
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         if token in params.stop_token_ids:
             return "eos_token"
-        if token in self._eos and not params.ignore_eos:
+        # Under a grammar EOS is only allowed once the grammar accepts: it always ends.
+        if token in self._eos and (not params.ignore_eos or seq.matcher is not None):
             return "eos_token"
         if seq.num_output_tokens >= params.max_new_tokens or len(seq) >= self.max_model_len:
             return "length"
@@ -307,7 +356,18 @@ class LLMEngine:
             generated_tokens=self._generated_tokens,
             last_step_tokens=self._last_step_tokens,
             last_step_seqs=self._last_step_seqs,
+            constrained_tokens=self._constrained_tokens,
+            mask_seconds=self.runner.masker.compute_seconds,
+            mask_wait_seconds=self.runner.masker.wait_seconds,
+            grammar_consume_seconds=self.runner.masker.consume_seconds,
         )
+
+    @property
+    def mask_timings(self) -> list[MaskTiming]:
+        """Per step with constrained rows (the latest steps, bounded): rows masked, seconds the
+        mask thread computed, seconds the sampler then waited. compute_s / rows is the mask
+        time per constrained token."""
+        return list(self.runner.masker.timings)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]

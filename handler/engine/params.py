@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 MAX_TOP_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 # Below this, dividing logits by the temperature overflows float32; it is greedy anyway.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -28,10 +30,19 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs per token (0 = the chosen token's only)
+    # (token id, bias) pairs added to the logits before penalties and temperature.
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
+    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens were generated
+    constraint: str | None = None  # an llguidance grammar (serialized TopLevelGrammar)
+    prompt_logprobs: int | None = None  # top-k per prompt token after the first (None = off)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def constrained(self) -> bool:
+        return self.constraint is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -64,6 +75,37 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         _check_int("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        _check_logit_bias(self.logit_bias, vocab_size)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.constraint is not None and (
+            not isinstance(self.constraint, str) or not self.constraint
+        ):
+            raise ValueError("constraint must be a non-empty grammar string or nil")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+
+
+def _check_logit_bias(entries: object, vocab_size: int) -> None:
+    if not isinstance(entries, list | tuple):
+        raise ValueError("logit_bias must be a list of [token id, bias] pairs")
+    if len(entries) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(
+            f"logit_bias may hold {MAX_LOGIT_BIAS_ENTRIES} entries at most, got {len(entries)}"
+        )
+    seen: set[int] = set()
+    for entry in entries:
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            raise ValueError(f"logit_bias entries must be [token id, bias] pairs, got {entry!r}")
+        token, bias = entry
+        _check_int("logit_bias token id", token, low=0, high=vocab_size - 1)
+        _check_float("logit_bias bias", bias, low=-MAX_LOGIT_BIAS, high=MAX_LOGIT_BIAS)
+        if token in seen:
+            raise ValueError(f"logit_bias names token {token} twice")
+        seen.add(token)
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -82,6 +124,10 @@ def _check_float(name: str, value: object, low: float, high: float | None = None
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+# A prompt token's logprob and its top alternatives (None when none were asked for).
+PromptLogprob = tuple[float, list[tuple[int, float]] | None]
+
+
 @dataclass
 class TokenOutput:
     request_id: int
@@ -92,6 +138,9 @@ class TokenOutput:
     finish_reason: str | None
     # Why the request failed (finish_reason "error"); the rest of its batch went on.
     error: str | None = None
+    # On a prompt_logprobs request's first output: per prompt token after the first, its
+    # logprob and top alternatives (None when 0 were asked for).
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass
@@ -107,3 +156,11 @@ class EngineStats:
     generated_tokens: int  # cumulative
     last_step_tokens: int  # tokens pushed through the model in the latest step
     last_step_seqs: int
+    # Constrained decoding, cumulative: tokens sampled under a grammar, the seconds spent
+    # computing their masks (off the critical path, overlapping the forward pass), the seconds
+    # the sampler still waited for masks after the forward and those spent advancing the
+    # grammars past the sampled tokens (both on the critical path).
+    constrained_tokens: int = 0
+    mask_seconds: float = 0.0
+    mask_wait_seconds: float = 0.0
+    grammar_consume_seconds: float = 0.0

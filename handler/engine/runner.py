@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from handler.attention.base import AttentionMetadata
+from handler.engine.constraint import ConstraintMasker
 from handler.engine.faults import FaultInjector
 from handler.engine.kv_cache import allocate_kv_caches
 from handler.engine.sampler import Sampler, SampleResult
@@ -21,6 +22,10 @@ from warmup.cuda_graphs import (
     DecodeInputs,
     capture_cuda_graph,
 )
+
+# Prompt positions whose logits are made at once for prompt logprobs: bounds the
+# [rows, vocab] float32 temporaries of a long prompt.
+PROMPT_LOGPROBS_ROWS = 256
 
 
 class BoundModel:
@@ -53,6 +58,7 @@ class ModelRunner:
         self.device = model.device
         self.graphs: CudaGraphDecodeRunner | None = None
         self.graph_steps = 0  # steps served by a graph replay, for stats and tests
+        self.masker = ConstraintMasker(model.device)
 
     def capture_decode_graphs(
         self,
@@ -85,14 +91,53 @@ class ModelRunner:
         if self.model.rope.has_long:
             self._rerotate_crossing(items)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
-        hidden = self._forward(input_ids, positions, meta)
-        if not sampled:
-            return [], None
-        # The LM head runs outside any graph, on the sampled rows only.
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
-        if self.faults is not None:
-            logits = self.faults.poison_logits(logits, sampled)
-        return sampled, self.sampler(logits, sampled)
+        # The grammar masks are computed on their own thread while the forward pass runs.
+        pending = self.masker.start(sampled)
+        try:
+            hidden = self._forward(input_ids, positions, meta)
+            if any(seq.wants_prompt_logprobs for seq, _ in items):
+                self._prompt_logprobs(items, hidden, meta.query_start_loc_host)
+            if not sampled:
+                return [], None
+            # The LM head runs outside any graph, on the sampled rows only.
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+            if self.faults is not None:
+                logits = self.faults.poison_logits(logits, sampled)
+        finally:
+            # Joined whatever happens: the matchers are not touched while the thread runs.
+            masks = pending.join() if pending is not None else None
+        return sampled, self.sampler(logits, sampled, masks)
+
+    def _prompt_logprobs(
+        self, items: list[tuple[Sequence, int]], hidden: torch.Tensor, starts: list[int]
+    ) -> None:
+        """Append, for each prompt_logprobs sequence, the logprobs of the prompt tokens this
+        step's positions predict (a chunked prefill accumulates them chunk by chunk)."""
+        for i, (seq, num_new) in enumerate(items):
+            entries = seq.prompt_logprobs
+            if entries is None or seq.prompt_logprobs_done:
+                continue
+            begin = seq.num_computed_tokens
+            # Position p predicts token p + 1; the prompt's tokens after the first are wanted.
+            end = min(begin + num_new, seq.num_prompt_tokens - 1)
+            k = seq.params.prompt_logprobs or 0
+            for first in range(begin, end, PROMPT_LOGPROBS_ROWS):
+                last = min(first + PROMPT_LOGPROBS_ROWS, end)
+                rows = torch.arange(first, last, device=hidden.device) + (starts[i] - begin)
+                logprobs = self.model.compute_logits(hidden.index_select(0, rows)).float()
+                logprobs = logprobs.log_softmax(dim=-1)
+                targets = torch.tensor(
+                    seq.token_ids[first + 1 : last + 1], dtype=torch.int64, device=hidden.device
+                )
+                chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+                if k == 0:
+                    entries.extend((lp, None) for lp in chosen)
+                    continue
+                values, ids = logprobs.topk(k, dim=-1)
+                for lp, top_ids, top_values in zip(
+                    chosen, ids.tolist(), values.tolist(), strict=True
+                ):
+                    entries.append((lp, list(zip(top_ids, top_values, strict=True))))
 
     def _rerotate_crossing(self, items: list[tuple[Sequence, int]]) -> None:
         """LongRoPE: when a sequence first grows past the original context, transformers

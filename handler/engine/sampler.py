@@ -1,4 +1,5 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Batched sampling: logit bias, penalties, grammar masks, temperature, top-k, top-p, min-p,
+per-request seeds, logprobs.
 
 Every row of the batch goes through the same tensor ops; per-row settings are tensors. Sampling
 uses the exponential-race trick (argmax of p / E, E ~ Exp(1)), which draws from p exactly and
@@ -19,6 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from handler.engine.constraint import TokenMasks
+from handler.engine.logit_adjust import (
+    NO_ALLOWED_TOKEN,
+    add_logit_bias,
+    apply_masks,
+    hold_back,
+    needs_adjusting,
+)
 from handler.engine.sequence import Sequence
 from handler.kernels.cpu import CpuKernels
 
@@ -40,17 +49,24 @@ class Sampler:
         # then needs no float32 copy of [rows, vocab] and no log_softmax over it.
         self.kernels = kernels
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """logits: [len(seqs), vocab], float32 (or bfloat16 on the CPU with kernels).
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None
+    ) -> SampleResult:
+        """logits: [len(seqs), vocab], float32 (or bfloat16 on the CPU with kernels); masks:
+        the constrained rows' grammar masks for this step.
 
         Raises only what no single row can be blamed for: when every row fails alone too."""
         try:
-            return self._sample_batch(logits, seqs)
+            return self._sample_batch(logits, seqs, masks)
         except Exception as exc:
-            return self._sample_rows_apart(logits, seqs, exc)
+            return self._sample_rows_apart(logits, seqs, masks, exc)
 
     def _sample_rows_apart(
-        self, logits: torch.Tensor, seqs: list[Sequence], batch_error: Exception
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        masks: TokenMasks | None,
+        batch_error: Exception,
     ) -> SampleResult:
         """The batch raised: sample each row by itself to find the rows that raise.
 
@@ -60,7 +76,8 @@ class Sampler:
         result = SampleResult([], [], [])
         for row, seq in enumerate(seqs):
             try:
-                one = self._sample_batch(logits[row : row + 1], [seq])
+                mask = masks.select(row) if masks is not None else None
+                one = self._sample_batch(logits[row : row + 1], [seq], mask)
             except Exception as exc:
                 one = SampleResult([0], [math.nan], [None], {0: f"sampling failed: {exc!r}"})
             result.token_ids.append(one.token_ids[0])
@@ -72,7 +89,9 @@ class Sampler:
             raise batch_error  # every row fails: the cause is not one request
         return result
 
-    def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    def _sample_batch(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None
+    ) -> SampleResult:
         normaliser = None
         if self.kernels is not None and logits.dtype == torch.bfloat16 and logits.is_cpu:
             normaliser = self.kernels.logsumexp_rows(logits).unsqueeze(1)
@@ -80,10 +99,24 @@ class Sampler:
             logits = logits.float()
         greedy = all(s.params.greedy for s in seqs)
         penalties = any(s.params.has_penalties for s in seqs)
-        # Greedy picks are the same on bfloat16 logits: widening to float32 is exact.
-        scores = logits if greedy and not penalties else logits.float()
+        adjust = needs_adjusting(seqs, masks)
+        if adjust and greedy and not penalties and not any(s.params.logit_bias for s in seqs):
+            # A copy: the logprobs below are the model's, from the logits as they came. Masks
+            # and hold-backs only write -inf, which bfloat16 holds exactly, and greedy picks
+            # are the same on bfloat16: no float32 widening of the whole batch.
+            scores = logits.clone()
+        elif adjust:
+            scores = logits.to(torch.float32, copy=True)
+            add_logit_bias(scores, seqs)
+        else:
+            # Greedy picks are the same on bfloat16 logits: widening to float32 is exact.
+            scores = logits if greedy and not penalties else logits.float()
         if penalties:
             scores = _apply_penalties(scores, seqs)
+        if adjust:
+            hold_back(scores, seqs)
+            if masks is not None:
+                apply_masks(scores, masks, self.kernels)
         tokens = argmax_rows(scores) if greedy else _sample(scores, seqs)
         if normaliser is None:
             # log_softmax is one vectorised pass; logsumexp costs about three times as much.
@@ -106,6 +139,9 @@ class Sampler:
                 for row, lp in enumerate(logprobs_list)
                 if not math.isfinite(lp)
             }
+        if masks is not None:
+            for row in masks.empty_rows():
+                failed.setdefault(row, NO_ALLOWED_TOKEN)
         return SampleResult(tokens.tolist(), logprobs_list, top, failed)
 
 

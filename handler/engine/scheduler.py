@@ -5,6 +5,9 @@ its next chunk. Whatever budget is left admits waiting sequences (prefix-cache h
 attached), so prefills and decodes share a step. When a running sequence needs a block and none
 is free, the newest running sequence is preempted: its blocks are freed and it waits at the front
 of the queue to be recomputed from its tokens, which it keeps.
+
+A fork (a sibling of an earlier request with the same prompt) is passed over while that request
+is still in its prefill, so it is admitted onto the prompt blocks the prefix cache then holds.
 """
 
 from __future__ import annotations
@@ -93,14 +96,21 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, batch: ScheduledBatch) -> None:
         bs = self.block_manager.block_size
+        manager = self.block_manager
+        passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.block_manager.find_cached_prefix(seq)
+            if seq.waits_for_parent():
+                passed_over.append(self.waiting.popleft())
+                continue
+            hit = manager.find_cached_prefix(seq) if seq.uses_prefix_cache else manager.no_hit()
             num_new = min(len(seq) - hit.num_blocks * bs, budget)
-            if not self.block_manager.allocate_new(seq, hit, num_new):
+            if not manager.allocate_new(seq, hit, num_new):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.items.append((seq, num_new))
             budget -= num_new
+        # Forks still waiting keep their places at the front, in order.
+        self.waiting.extendleft(reversed(passed_over))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
-from handler.engine.params import SamplingParams
+from handler.engine.params import PromptLogprob, SamplingParams
+
+if TYPE_CHECKING:
+    from handler.engine.constraint import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -39,6 +43,18 @@ class Sequence:
         # Leading logical blocks already registered in the prefix cache.
         self.num_hashed_blocks = 0
         self.last_block_hash: int | None = None
+        # The request's grammar state (a constraint), fed every generated token once.
+        self.matcher: GrammarMatcher | None = None
+        # EOS ids, and EOS plus stop ids: what min_tokens and a grammar hold back.
+        self.eos_ids: list[int] = []
+        self.end_ids: list[int] = []
+        # A fork waits for this sequence's prefill, to take its prompt blocks from the cache.
+        self.fork_parent: Sequence | None = None
+        # prompt_logprobs: the entries computed so far, until sent with the first output.
+        self.prompt_logprobs: list[PromptLogprob] | None = (
+            [] if params.prompt_logprobs is not None else None
+        )
+        self.prompt_logprobs_done = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -60,6 +76,40 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and not self.prompt_logprobs_done
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt position's logits, so no cached prefix."""
+        return not self.wants_prompt_logprobs
+
+    def waits_for_parent(self) -> bool:
+        """A fork waits while the request it names is live and has not finished its prefill."""
+        parent = self.fork_parent
+        if parent is None:
+            return False
+        if (
+            parent.status is SequenceStatus.FINISHED
+            or parent.num_computed_tokens >= parent.num_prompt_tokens
+        ):
+            self.fork_parent = None
+            return False
+        return True
+
+    def banned_ids(self) -> list[int]:
+        """Token ids that cannot be sampled next: EOS and stop ids before min_tokens, EOS under
+        a grammar with ignore_eos; none once the grammar is complete (it must end)."""
+        matcher = self.matcher
+        if matcher is not None and matcher.is_stopped():
+            return []
+        if self.num_output_tokens < self.params.min_tokens:
+            return self.end_ids
+        if matcher is not None and self.params.ignore_eos:
+            return self.eos_ids
+        return []
+
     def reset_for_recompute(self) -> None:
         self.status = SequenceStatus.WAITING
         self.block_tables = [[]]
@@ -67,3 +117,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_hashed_blocks = 0
         self.last_block_hash = None
+        # The matcher keeps its state: the generated tokens are kept, not generated again.
+        if self.wants_prompt_logprobs:
+            self.prompt_logprobs = []

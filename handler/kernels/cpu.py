@@ -19,10 +19,12 @@ from handler.kernels.build import KernelBuildError, build, compiler, library_pat
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 4
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 _f32 = ctypes.c_float
+# The gated MLP activations the kernel computes (ModelConfig.activation's names).
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 class CpuKernels:
@@ -32,23 +34,28 @@ class CpuKernels:
         # Whether attention runs the AVX-512 BF16 path (else portable C), for logs and tests.
         self.avx512_bf16 = bool(lib.thaw_kernels_features() & 1)
         self._norm = lib.thaw_add_rms_norm
-        self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+        self._norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
         self._norm.restype = None
         self._rotary = lib.thaw_rotary
-        self._rotary.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+        self._rotary.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
+        self._rotary.argtypes += [_i64, _f32]
         self._rotary.restype = None
         self._store = lib.thaw_store_kv
         self._store.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr]
         self._store.restype = None
         self._decode = lib.thaw_paged_decode_attention
-        self._decode.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 5, _f32]
+        self._decode.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 5]
+        self._decode.argtypes += [_f32, _i64, _f32]
         self._decode.restype = ctypes.c_int
-        self._silu_mul = lib.thaw_silu_mul
-        self._silu_mul.argtypes = [_ptr, _i64, _i64, _ptr]
-        self._silu_mul.restype = None
+        self._gated_mul = lib.thaw_gated_mul
+        self._gated_mul.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int]
+        self._gated_mul.restype = None
         self._lse = lib.thaw_logsumexp_rows
         self._lse.argtypes = [_ptr, _i64, _i64, _ptr]
         self._lse.restype = None
+        self._mask = lib.thaw_apply_token_mask
+        self._mask.argtypes = [_ptr, _i64, ctypes.c_int, _ptr, _i64, _ptr, _i64]
+        self._mask.restype = None
         # The matrix multiply (cpu_gemm.c) needs AVX-512 BF16; a portable build lacks it.
         self.gemm_available = bool(lib.thaw_gemm_available())
         self._gemm_size = lib.thaw_gemm_packed_size
@@ -68,12 +75,19 @@ class CpuKernels:
         weight: torch.Tensor,
         eps: float,
         check: bool = True,
+        delta_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden += delta (in place, when given), then RMS-normed hidden times weight, bf16.
+        """hidden += delta (in place, when given; RMS-normed by delta_weight first when that is
+        given, as Gemma norms its attention and MLP outputs), then RMS-normed hidden times
+        weight, bf16.
 
-        hidden: the float32 residual stream [rows, dim], never rounded; delta, weight: bf16.
+        hidden: the float32 residual stream [rows, dim], never rounded; delta: bf16; weight,
+        delta_weight: float32 [dim] (a bf16 weight is widened on every call: models pass
+        float32).
         """
         rows, dim = hidden.shape
+        if weight.dtype == torch.bfloat16:
+            weight = weight.float()
         if check:
             if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
                 raise ValueError(f"hidden must be a float32 CPU tensor, got {hidden.dtype}")
@@ -83,13 +97,16 @@ class CpuKernels:
                 _check_rows(delta, "delta")
                 if delta.shape != hidden.shape:
                     raise ValueError(f"delta {tuple(delta.shape)} != hidden {tuple(hidden.shape)}")
-            _check_rows(weight.view(1, -1), "weight")
-            if weight.numel() != dim:
-                raise ValueError(f"weight has {weight.numel()} values for rows of {dim}")
+            _check_norm_weight(weight, "weight", dim)
+            if delta_weight is not None:
+                if delta is None:
+                    raise ValueError("delta_weight needs a delta")
+                _check_norm_weight(delta_weight, "delta_weight", dim)
         out = torch.empty(rows, dim, dtype=torch.bfloat16)
         self._norm(
             hidden.data_ptr(),
             None if delta is None else delta.data_ptr(),
+            None if delta_weight is None else delta_weight.data_ptr(),
             weight.data_ptr(),
             out.data_ptr(),
             rows,
@@ -154,15 +171,21 @@ class CpuKernels:
             )
         return out
 
-    def silu_mul(self, gate_up: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """gate_up [rows, 2 * inter] (gate then up) -> silu(gate) * up, [rows, inter]."""
+    def gated_mul(
+        self, gate_up: torch.Tensor, activation: str = "silu", check: bool = True
+    ) -> torch.Tensor:
+        """gate_up [rows, 2 * inter] (gate then up) -> act(gate) * up, [rows, inter]; act:
+        "silu" (SwiGLU) or "gelu_tanh" (GeGLU, ModelConfig.activation's names)."""
         rows, width = gate_up.shape
         if check:
             _check_rows(gate_up, "gate_up")
         if width % 2:
             raise ValueError(f"gate_up must hold gate and up halves, got width {width}")
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {GATED_ACTIVATIONS}")
         out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-        self._silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
+        gelu = int(activation == "gelu_tanh")
+        self._gated_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr(), gelu)
         return out
 
     def logsumexp_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -173,6 +196,43 @@ class CpuKernels:
         self._lse(logits.data_ptr(), rows, vocab, out.data_ptr())
         return out
 
+    def apply_token_mask(
+        self, logits: torch.Tensor, bits: torch.Tensor, rows: list[int] | None = None
+    ) -> None:
+        """In place: -inf at every token of logits row rows[i] whose bit is clear in bits[i].
+
+        logits: contiguous float32 or bf16 [batch, vocab] on the CPU; bits: contiguous int32
+        [len(rows), words], bit j of word w = token 32 w + j (llguidance's layout); tokens at or
+        past 32 * words get -inf. rows None: row i of bits masks logits row i.
+        """
+        if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu":
+            raise ValueError(f"logits must be float32 or bfloat16 on the CPU, got {logits.dtype}")
+        if logits.dim() != 2 or not logits.is_contiguous():
+            raise ValueError("logits must be a contiguous [rows, vocab] tensor")
+        if bits.dtype != torch.int32 or bits.device.type != "cpu" or bits.dim() != 2:
+            raise ValueError(f"bits must be an int32 [rows, words] CPU tensor, got {bits.dtype}")
+        if not bits.is_contiguous():
+            raise ValueError("bits must be contiguous")
+        batch, vocab = logits.shape
+        count = batch if rows is None else len(rows)
+        if bits.shape[0] != count:
+            raise ValueError(f"bits has {bits.shape[0]} rows for {count} masked rows")
+        index = None
+        if rows is not None:
+            index = torch.tensor(rows, dtype=torch.int64)
+            check_range(index, "rows", 0, batch)
+        if count == 0 or vocab == 0:
+            return
+        self._mask(
+            logits.data_ptr(),
+            vocab,
+            int(logits.dtype == torch.bfloat16),
+            None if index is None else index.data_ptr(),
+            count,
+            bits.data_ptr(),
+            bits.shape[1],
+        )
+
     def rotary(
         self,
         x: torch.Tensor,
@@ -182,13 +242,24 @@ class CpuKernels:
         cos: torch.Tensor,
         sin: torch.Tensor,
         check: bool = True,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        q_heads: int = 0,
+        eps: float = 0.0,
     ) -> None:
         """Rotate the first `heads` heads of every row of x [rows, >= heads*head_dim] in place.
 
-        cos, sin: float32 [max_positions, head_dim // 2]; positions: int64 [rows].
+        cos, sin: float32 [max_positions, head_dim // 2]; positions: int64 [rows]. q_norm,
+        k_norm: float32 [head_dim] per-head RMS norm weights (both or neither), applied before
+        the rotation, q_norm to the first q_heads heads and k_norm to the others.
         """
         rows = x.shape[0]
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("q_norm and k_norm come together")
         if check:
+            if q_norm is not None and k_norm is not None:
+                _check_norm_weight(q_norm, "q_norm", head_dim)
+                _check_norm_weight(k_norm, "k_norm", head_dim)
             _check_bf16(x, "x")
             if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * head_dim:
                 raise ValueError("x must be [rows, >= heads * head_dim] with unit column stride")
@@ -206,6 +277,10 @@ class CpuKernels:
             positions.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),
+            None if q_norm is None else q_norm.data_ptr(),
+            None if k_norm is None else k_norm.data_ptr(),
+            q_heads,
+            eps,
         )
 
     def store_kv(
@@ -253,12 +328,18 @@ class CpuKernels:
         max_context_len: int,
         scale: float,
         check: bool = True,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """q [seqs, heads, head_dim] (rows may be strided); returns [seqs, heads, head_dim].
 
-        block_tables: int32 [seqs, max_blocks]; context_lens: int32 [seqs], each >= 1 and at
-        most max_context_len, which must fit the table.
+        block_tables: int32 [seqs, max_blocks], by logical block; context_lens: int32 [seqs],
+        each >= 1 and at most max_context_len, which must fit the table. window: each query
+        (its context's last token) sees only the last `window` keys, and table entries before
+        them are never read; softcap: scores -> tanh(scores / softcap) * softcap.
         """
+        if (window is not None and window < 1) or (softcap is not None and not softcap > 0):
+            raise ValueError(f"window must be >= 1 and softcap > 0, got {window}, {softcap}")
         seqs, heads, head_dim = q.shape
         _, block_size, kv_heads, cache_dim = k_cache.shape
         if check:
@@ -294,6 +375,8 @@ class CpuKernels:
             head_dim,
             block_size,
             scale,
+            0 if window is None else window,
+            0.0 if softcap is None else softcap,
         )
         if status != 0:
             raise MemoryError("decode attention could not allocate its scratch memory")
@@ -305,6 +388,13 @@ def check_range(values: torch.Tensor, name: str, low: int, high: int) -> None:
     this once per step on the step's positions, slots and block tables, not once per layer."""
     if values.numel() and (int(values.min()) < low or int(values.max()) >= high):
         raise ValueError(f"{name} must lie in [{low}, {high})")
+
+
+def _check_norm_weight(t: torch.Tensor, name: str, dim: int) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (dim,):
+        raise ValueError(f"{name} must be a float32 CPU tensor of {dim} values")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
 
 
 def _check_bf16(t: torch.Tensor, name: str) -> None:

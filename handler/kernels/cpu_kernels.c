@@ -13,8 +13,10 @@
  */
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define THAW_AVX512_BF16 1
 #endif
 #include <stdlib.h>
@@ -63,7 +65,14 @@ static inline float approx_expf(float x) {
     return x != x ? x : p * scale.f; /* NaN stays NaN */
 }
 
-int thaw_kernels_abi(void) { return 2; }
+/*
+ * Loops over fewer values than this run on one thread: a parallel region's wake-up and barrier
+ * cost more than the work (and, when another process holds the second core, far more). torch
+ * uses the same grain size for its element-wise ops.
+ */
+#define THAW_PARALLEL_MIN 32768
+
+int thaw_kernels_abi(void) { return 4; }
 
 /* Bit 0: compiled with the AVX-512 BF16 attention path. */
 int thaw_kernels_features(void) {
@@ -76,48 +85,75 @@ int thaw_kernels_features(void) {
 
 /*
  * RMS norm with an optional residual add first, over rows of `dim`; the residual stream
- * (hidden) is float32, delta, weight and output bf16:
- *   if delta: hidden += delta in float32 (the stream is never rounded)
+ * (hidden) is float32, delta and output bf16, the norm weights float32 (Gemma's 1 + weight is
+ * not a bf16 value):
+ *   if delta: hidden += delta in float32 (the stream is never rounded); with delta_weight the
+ *     delta is RMS-normed by it first (Gemma's norms of the attention and MLP outputs), unrounded
  *   out = bf16(hidden * rsqrt(mean(hidden^2) + eps) * weight), one rounding
  * transformers keeps the stream in bf16, rounding it after each of a model's 2 x layers adds:
  * the largest drift from float32 results (tests/handler/kernels/test_engine_cpu_kernels.py
  * measures it).
  */
-void thaw_add_rms_norm(float *hidden, const bf16 *delta, const bf16 *weight, bf16 *out,
-                       int64_t rows, int64_t dim, float eps) {
-#pragma omp parallel for schedule(static) if (rows > 4)
+void thaw_add_rms_norm(float *hidden, const bf16 *delta, const float *delta_weight,
+                       const float *weight, bf16 *out, int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel for schedule(static) if (rows * dim >= THAW_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         float *h = hidden + r * dim;
         if (delta != NULL) {
             const bf16 *d = delta + r * dim;
+            float dnorm = 1.0f;
+            if (delta_weight != NULL) {
+                float dsum = 0.0f;
+#pragma omp simd reduction(+ : dsum)
+                for (int64_t i = 0; i < dim; i++) dsum += bf16_to_f32(d[i]) * bf16_to_f32(d[i]);
+                dnorm = 1.0f / sqrtf(dsum / (float)dim + eps);
 #pragma omp simd
-            for (int64_t i = 0; i < dim; i++) h[i] += bf16_to_f32(d[i]);
+                for (int64_t i = 0; i < dim; i++) h[i] += bf16_to_f32(d[i]) * dnorm * delta_weight[i];
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < dim; i++) h[i] += bf16_to_f32(d[i]);
+            }
         }
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < dim; i++) sum += h[i] * h[i];
         float inv = 1.0f / sqrtf(sum / (float)dim + eps);
         bf16 *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(h[i] * inv * bf16_to_f32(weight[i]));
+        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(h[i] * inv * weight[i]);
     }
 }
 
 /*
  * Rotary embedding in place, "rotate half" layout, on `heads` heads of each row of x:
  *   x[i] = x[i] * cos - x[i + half] * sin,  x[i + half] = x[i + half] * cos + x[i] * sin
- * cos/sin: float32 [max_positions, half] per frequency.
+ * cos/sin: float32 [max_positions, half] per frequency. With norm weights (float32, head_dim
+ * each: Qwen3's and Gemma 3's q/k norms) every head is RMS-normed first, the first q_heads by
+ * q_norm and the rest by k_norm, in float32: one rounding for norm and rotation together.
  */
 void thaw_rotary(bf16 *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim,
-                 const int64_t *positions, const float *cos_table, const float *sin_table) {
+                 const int64_t *positions, const float *cos_table, const float *sin_table,
+                 const float *q_norm, const float *k_norm, int64_t q_heads, float eps) {
     int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (rows > 4)
+#pragma omp parallel for schedule(static) if (rows * heads * head_dim >= THAW_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_table + positions[r] * half;
         const float *s = sin_table + positions[r] * half;
         for (int64_t h = 0; h < heads; h++) {
             bf16 *v = x + r * row_stride + h * head_dim;
+            const float *w = h < q_heads ? q_norm : k_norm;
+            float inv = 1.0f;
+            if (w != NULL) {
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < head_dim; i++) sum += bf16_to_f32(v[i]) * bf16_to_f32(v[i]);
+                inv = 1.0f / sqrtf(sum / (float)head_dim + eps);
+            }
             for (int64_t i = 0; i < half; i++) {
                 float a = bf16_to_f32(v[i]), b = bf16_to_f32(v[i + half]);
+                if (w != NULL) {
+                    a *= inv * w[i];
+                    b *= inv * w[i + half];
+                }
                 v[i] = f32_to_bf16(a * c[i] - b * s[i]);
                 v[i + half] = f32_to_bf16(b * c[i] + a * s[i]);
             }
@@ -213,21 +249,30 @@ static inline __attribute__((always_inline)) __m512 sum16x16(const __m512 v[16])
     return _mm512_permutexvar_ps(order, d);
 }
 
+/* tanh on 16 lanes from exp16: 1 - 2 / (1 + e^2x) saturates to +-1 without overflow. */
+static inline __m512 tanh16(__m512 x) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = exp16(_mm512_add_ps(x, x));
+    return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)));
+}
+
 /*
  * P.V for `gc` (a constant after inlining) query heads of one KV head: every value row is
  * widened once and multiplied into all of them, the accumulators stay in registers
  * (gc * lanes <= 16), and each head's output is scaled by 1 / its softmax total at the end.
+ * Keys at positions first .. first + n - 1; scores[j] belongs to position first + j.
  */
 static inline __attribute__((always_inline)) void weighted_values(
-    const int gc, bf16 *out, const bf16 *v_cache, const int32_t *table, int64_t len,
+    const int gc, bf16 *out, const bf16 *v_cache, const int32_t *table, int64_t first, int64_t n,
     int64_t kv_width, int64_t block_size, const float *scores, int64_t stride, const float *inv,
     const int64_t head_dim) {
     const int64_t lanes = head_dim / 16;
     if (gc * lanes > 16) return; /* never: the caller sizes gc; lets the compiler see bounds */
     __m512 acc[16];
     for (int i = 0; i < gc * lanes; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; j++) {
-        const bf16 *vrow = v_cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t pos = first + j;
+        const bf16 *vrow = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * kv_width;
         __m512 v[16];
         for (int64_t c = 0; c < lanes; c++) v[c] = widen16(vrow + 16 * c);
         for (int g = 0; g < gc; g++) {
@@ -247,36 +292,41 @@ static inline __attribute__((always_inline)) void weighted_values(
 }
 
 /*
- * Decode attention of one sequence for `nkv` consecutive KV heads (all of them, or one), AVX-512:
+ * Decode attention of one sequence for `nkv` consecutive KV heads (all of them, or one), AVX-512,
+ * over the keys at positions first .. len - 1 (first > 0: a sliding window):
  * - scores 16 keys at a time: q.k by vdpbf16ps (bf16 pairs multiplied exactly, summed in
- *   float32), the 16 dot products of a head reduced together by sum16x16. Every KV head of the
- *   task is done per 16 rows, so cache rows are read whole and in order (the hardware
- *   prefetcher streams them) while the same rows' values are prefetched into L2 for P.V;
- * - softmax in float32 over the whole context, left unnormalised;
+ *   float32), the 16 dot products of a head reduced together by sum16x16, then soft-capped
+ *   (softcap > 0). Every KV head of the task is done per 16 rows, so cache rows are read whole
+ *   and in order (the hardware prefetcher streams them) while the same rows' values are
+ *   prefetched into L2 for P.V;
+ * - softmax in float32 over those keys, left unnormalised;
  * - P.V in float32 by weighted_values, per KV head, groups of heads that fit the registers.
  * head_dim: a multiple of 32, at most 256, a literal for the common size. scores: scratch of
- * nkv * group * (round_up(len, 16) + 1) floats.
+ * nkv * group * (round_up(len - first, 16) + 1) floats.
  */
 static inline __attribute__((always_inline)) void attend_avx512(
     bf16 *out, const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, const int32_t *table,
-    int64_t len, int64_t nkv, int64_t group, int64_t kv_width, int64_t block_size, float scale,
-    float *scores, const int64_t head_dim) {
+    int64_t first, int64_t len, int64_t nkv, int64_t group, int64_t kv_width, int64_t block_size,
+    float scale, float softcap, float *scores, const int64_t head_dim) {
     const int64_t chunks = head_dim / 32; /* 32 bf16 per vdpbf16ps */
-    const int64_t stride = (len + 15) & ~(int64_t)15;
+    const int64_t n = len - first;
+    const int64_t stride = (n + 15) & ~(int64_t)15;
     const int64_t heads = nkv * group;
     const int64_t row_bytes = (int64_t)sizeof(bf16) * nkv * head_dim;
     const __m512 scale16 = _mm512_set1_ps(scale);
-    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const __m512 cap16 = _mm512_set1_ps(softcap), inv_cap16 = _mm512_set1_ps(1.0f / softcap);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
         const bf16 *rows[16];
         for (int i = 0; i < 16; i++) {
             /* Past the context: repeat the last key; its score is never stored. */
-            int64_t j = j0 + i < len ? j0 + i : len - 1;
+            int64_t j = first + (j0 + i < n ? j0 + i : n - 1);
             rows[i] = k_cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_width;
         }
-        int64_t end = j0 + 16 < len ? j0 + 16 : len, next_end = j0 + 32 < len ? j0 + 32 : len;
+        int64_t end = first + (j0 + 16 < n ? j0 + 16 : n);
+        int64_t next_end = first + (j0 + 32 < n ? j0 + 32 : n);
         prefetch_rows(k_cache, table, end, next_end, block_size, kv_width, row_bytes, 1);
-        prefetch_rows(v_cache, table, j0, end, block_size, kv_width, row_bytes, 0);
-        __mmask16 valid = len - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - j0)) - 1u);
+        prefetch_rows(v_cache, table, first + j0, end, block_size, kv_width, row_bytes, 0);
+        __mmask16 valid = n - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j0)) - 1u);
         for (int64_t h = 0; h < heads; h++) {
             const bf16 *qh = q + h * head_dim;
             const int64_t offset = (h / group) * head_dim;
@@ -289,8 +339,9 @@ static inline __attribute__((always_inline)) void attend_avx512(
                         dots[i], qv,
                         (__m512bh)_mm512_loadu_si512((const void *)(rows[i] + offset + 32 * c)));
             }
-            _mm512_mask_storeu_ps(scores + h * stride + j0, valid,
-                                  _mm512_mul_ps(sum16x16(dots), scale16));
+            __m512 s = _mm512_mul_ps(sum16x16(dots), scale16);
+            if (softcap > 0.0f) s = _mm512_mul_ps(cap16, tanh16(_mm512_mul_ps(s, inv_cap16)));
+            _mm512_mask_storeu_ps(scores + h * stride + j0, valid, s);
         }
     }
     float *inv = scores + heads * stride;
@@ -298,12 +349,12 @@ static inline __attribute__((always_inline)) void attend_avx512(
         float *sh = scores + h * stride;
         __m512 peak = _mm512_set1_ps(-INFINITY);
         int64_t j = 0;
-        for (; j + 16 <= len; j += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(sh + j));
-        __mmask16 tail = (__mmask16)((1u << (len - j)) - 1u);
+        for (; j + 16 <= n; j += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(sh + j));
+        __mmask16 tail = (__mmask16)((1u << (n - j)) - 1u);
         peak = _mm512_mask_max_ps(peak, tail, peak, _mm512_maskz_loadu_ps(tail, sh + j));
         __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
         __m512 total = _mm512_setzero_ps();
-        for (j = 0; j + 16 <= len; j += 16) {
+        for (j = 0; j + 16 <= n; j += 16) {
             __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + j), top));
             _mm512_storeu_ps(sh + j, e);
             total = _mm512_add_ps(total, e);
@@ -323,7 +374,7 @@ static inline __attribute__((always_inline)) void attend_avx512(
             bf16 *o = out + h * head_dim;
             const float *sh = scores + h * stride;
 #define THAW_VALUES(G) \
-    weighted_values(G, o, vc, table, len, kv_width, block_size, sh, stride, inv + h, head_dim)
+    weighted_values(G, o, vc, table, first, n, kv_width, block_size, sh, stride, inv + h, head_dim)
             switch (gc) {
             case 8: THAW_VALUES(8); break;
             case 7: THAW_VALUES(7); break;
@@ -342,14 +393,16 @@ static inline __attribute__((always_inline)) void attend_avx512(
 
 /*
  * One (sequence, kv head) of decode attention: scores of every query head of the group against
- * the context's keys, softmax in float32, then the weighted sum of values. Always inlined and
- * called with a literal head_dim for the common sizes, so the row loops compile to fixed SIMD
- * sequences instead of generic loops with peeling and remainders.
+ * the keys at positions first .. len - 1 (soft-capped when softcap > 0), softmax in float32,
+ * then the weighted sum of values. Always inlined and called with a literal head_dim for the
+ * common sizes, so the row loops compile to fixed SIMD sequences instead of generic loops with
+ * peeling and remainders.
  */
 static inline __attribute__((always_inline)) void attend_one_generic(
     bf16 *out, const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, const int32_t *table,
-    int64_t len, int64_t group, int64_t kv_width, int64_t block_size, float scale,
-    float *scratch, int64_t head_dim) {
+    int64_t first, int64_t len, int64_t group, int64_t kv_width, int64_t block_size, float scale,
+    float softcap, float *scratch, int64_t head_dim) {
+    const int64_t n = len - first;
     float *qf = scratch, *acc = qf + group * head_dim, *row = acc + group * head_dim;
     float *scores = row + head_dim;
     for (int64_t g = 0; g < group; g++) {
@@ -357,37 +410,39 @@ static inline __attribute__((always_inline)) void attend_one_generic(
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] *= scale;
     }
-    for (int64_t j = 0; j < len; j++) {
-        int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t pos = first + j;
+        int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
         widen(k_cache + slot * kv_width, row, head_dim);
         for (int64_t g = 0; g < group; g++) {
             const float *qg = qf + g * head_dim;
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * row[d];
-            scores[g * len + j] = dot;
+            scores[g * n + j] = softcap > 0.0f ? softcap * tanhf(dot / softcap) : dot;
         }
     }
     for (int64_t g = 0; g < group; g++) {
-        float *sg = scores + g * len;
+        float *sg = scores + g * n;
         float peak = -INFINITY;
-        for (int64_t j = 0; j < len; j++) peak = sg[j] > peak ? sg[j] : peak;
+        for (int64_t j = 0; j < n; j++) peak = sg[j] > peak ? sg[j] : peak;
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < len; j++) {
+        for (int64_t j = 0; j < n; j++) {
             sg[j] = approx_expf(sg[j] - peak);
             total += sg[j];
         }
         float inv = 1.0f / total;
 #pragma omp simd
-        for (int64_t j = 0; j < len; j++) sg[j] *= inv;
+        for (int64_t j = 0; j < n; j++) sg[j] *= inv;
     }
     memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
-    for (int64_t j = 0; j < len; j++) {
-        int64_t slot = (int64_t)table[j / block_size] * block_size + j % block_size;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t pos = first + j;
+        int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
         widen(v_cache + slot * kv_width, row, head_dim);
         for (int64_t g = 0; g < group; g++) {
-            float p = scores[g * len + j];
+            float p = scores[g * n + j];
             float *ag = acc + g * head_dim;
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; d++) ag[d] += p * row[d];
@@ -402,16 +457,20 @@ static inline __attribute__((always_inline)) void attend_one_generic(
  * Decode attention over the paged cache, one query token per sequence, GQA.
  * q: [seqs, heads * head_dim] rows `q_stride` apart; out: [seqs, heads * head_dim] contiguous.
  * Cache: [blocks, block_size, kv_heads, head_dim]. Sequence s attends to its first
- * context_lens[s] tokens, token j in block block_tables[s * table_stride + j / block_size].
+ * context_lens[s] tokens, token j in block block_tables[s * table_stride + j / block_size];
+ * with window > 0 to its last `window` of them only: the query (the context's last token, at
+ * position len - 1) sees positions > len - 1 - window, and table entries before those are never
+ * read (a window group's released blocks). softcap > 0: scores -> softcap * tanh(scores /
+ * softcap) before the softmax.
  * One task per (sequence, kv head): each key and value row is widened once and used by every
- * query head of the group. Softmax in float32 over the whole context (two passes).
+ * query head of the group. Softmax in float32 over the attended keys (two passes).
  * Returns 0, or -1 when a scratch allocation failed (out is then incomplete).
  */
 int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, const bf16 *k_cache,
                                 const bf16 *v_cache, const int32_t *block_tables,
                                 int64_t table_stride, const int32_t *context_lens, int64_t seqs,
                                 int64_t heads, int64_t kv_heads, int64_t head_dim,
-                                int64_t block_size, float scale) {
+                                int64_t block_size, float scale, int64_t window, float softcap) {
     int64_t group = heads / kv_heads;
     int64_t kv_width = kv_heads * head_dim;
     int failed = 0;
@@ -425,22 +484,24 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
         for (int64_t s = 0; s < seqs; s++) {
             for (int64_t part = 0; part < parts; part++) {
                 int64_t len = context_lens[s];
-                int64_t stride = (len + 15) & ~(int64_t)15;
+                int64_t first = window > 0 && len > window ? len - window : 0;
+                int64_t stride = (len - first + 15) & ~(int64_t)15;
                 float *scores = malloc(sizeof(float) * (size_t)(nkv * group * (stride + 1)));
                 if (scores == NULL) {
                     failed = 1;
                     continue;
                 }
-                int64_t first = part * nkv; /* first KV head of this task */
-                bf16 *o = out + s * heads * head_dim + first * group * head_dim;
-                const bf16 *qs = q + s * q_stride + first * group * head_dim;
-                const bf16 *kc = k_cache + first * head_dim, *vc = v_cache + first * head_dim;
+                int64_t kv0 = part * nkv; /* first KV head of this task */
+                bf16 *o = out + s * heads * head_dim + kv0 * group * head_dim;
+                const bf16 *qs = q + s * q_stride + kv0 * group * head_dim;
+                const bf16 *kc = k_cache + kv0 * head_dim, *vc = v_cache + kv0 * head_dim;
                 const int32_t *table = block_tables + s * table_stride;
                 if (head_dim == 64)
-                    attend_avx512(o, qs, kc, vc, table, len, nkv, group, kv_width, block_size, scale, scores, 64);
+                    attend_avx512(o, qs, kc, vc, table, first, len, nkv, group, kv_width, block_size,
+                                  scale, softcap, scores, 64);
                 else
-                    attend_avx512(o, qs, kc, vc, table, len, nkv, group, kv_width, block_size, scale, scores,
-                                  head_dim);
+                    attend_avx512(o, qs, kc, vc, table, first, len, nkv, group, kv_width, block_size,
+                                  scale, softcap, scores, head_dim);
                 free(scores);
             }
         }
@@ -451,8 +512,9 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
     for (int64_t s = 0; s < seqs; s++) {
         for (int64_t kh = 0; kh < kv_heads; kh++) {
             int64_t len = context_lens[s];
-            /* query rows, accumulators, one widened K/V row, then scores [group][len] */
-            size_t floats = (size_t)(2 * group * head_dim + head_dim + group * len);
+            int64_t first = window > 0 && len > window ? len - window : 0;
+            /* query rows, accumulators, one widened K/V row, then scores [group][len - first] */
+            size_t floats = (size_t)(2 * group * head_dim + head_dim + group * (len - first));
             float *scratch = malloc(sizeof(float) * floats);
             if (scratch == NULL) {
                 failed = 1;
@@ -463,11 +525,11 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
             const bf16 *kc = k_cache + kh * head_dim, *vc = v_cache + kh * head_dim;
             const int32_t *table = block_tables + s * table_stride;
             if (head_dim == 64)
-                attend_one_generic(o, qs, kc, vc, table, len, group, kv_width, block_size, scale,
-                                   scratch, 64);
+                attend_one_generic(o, qs, kc, vc, table, first, len, group, kv_width, block_size,
+                                   scale, softcap, scratch, 64);
             else
-                attend_one_generic(o, qs, kc, vc, table, len, group, kv_width, block_size, scale,
-                                   scratch, head_dim);
+                attend_one_generic(o, qs, kc, vc, table, first, len, group, kv_width, block_size,
+                                   scale, softcap, scratch, head_dim);
             free(scratch);
         }
     }
@@ -475,26 +537,34 @@ int thaw_paged_decode_attention(bf16 *out, const bf16 *q, int64_t q_stride, cons
 }
 
 /*
- * SiLU-and-multiply over rows of [gate | up] (each `inter` wide):
- *   out = bf16(silu(gate) * up), one rounding (torch's silu then mul rounds twice).
+ * Gated activation over rows of [gate | up] (each `inter` wide), one rounding (torch's
+ * activation then mul rounds twice):
+ *   gelu_tanh = 0: out = bf16(silu(gate) * up)            (Llama's SwiGLU)
+ *   gelu_tanh = 1: out = bf16(gelu_tanh(gate) * up)       (Gemma's GeGLU)
+ * Both are g * sigmoid(a): silu has a = g, and gelu's 0.5 * (1 + tanh(u)) is sigmoid(2u) with
+ * u = sqrt(2 / pi) * (g + 0.044715 g^3), so one loop serves both.
  */
-void thaw_silu_mul(const bf16 *gate_up, int64_t rows, int64_t inter, bf16 *out) {
-#pragma omp parallel for schedule(static) if (rows * inter > 4096)
+void thaw_gated_mul(const bf16 *gate_up, int64_t rows, int64_t inter, bf16 *out, int gelu_tanh) {
+    const float k1 = 2.0f * 0.7978845608028654f, k3 = k1 * 0.044715f;
+#pragma omp parallel for schedule(static) if (rows * inter >= THAW_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const bf16 *gate = gate_up + r * 2 * inter, *up = gate + inter;
         bf16 *o = out + r * inter;
         int64_t i = 0;
 #ifdef THAW_AVX512_BF16
+        const __m512 c1 = _mm512_set1_ps(k1), c3 = _mm512_set1_ps(k3);
         for (; i + 16 <= inter; i += 16) {
             __m512 g = widen16(gate + i);
-            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(silu, widen16(up + i)));
+            __m512 a = gelu_tanh ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
+            __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+            __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(act, widen16(up + i)));
             _mm256_storeu_si256((__m256i *)(o + i), (__m256i)product);
         }
 #endif
         for (; i < inter; i++) {
             float g = bf16_to_f32(gate[i]);
-            o[i] = f32_to_bf16(g / (1.0f + approx_expf(-g)) * bf16_to_f32(up[i]));
+            float a = gelu_tanh ? g * (k1 + k3 * g * g) : g;
+            o[i] = f32_to_bf16(g / (1.0f + approx_expf(-a)) * bf16_to_f32(up[i]));
         }
     }
 }
@@ -504,7 +574,7 @@ void thaw_silu_mul(const bf16 *gate_up, int64_t rows, int64_t inter, bf16 *out) 
  * the chosen token's logprob, without materialising a float32 log_softmax of the whole vocabulary.
  */
 void thaw_logsumexp_rows(const bf16 *logits, int64_t rows, int64_t vocab, float *lse) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         const bf16 *row = logits + r * vocab;
         float peak = -INFINITY, total = 0.0f;
@@ -530,5 +600,68 @@ void thaw_logsumexp_rows(const bf16 *logits, int64_t rows, int64_t vocab, float 
 #endif
         for (; i < vocab; i++) total += approx_expf(bf16_to_f32(row[i]) - peak);
         lse[r] = peak + logf(total);
+    }
+}
+
+/*
+ * Grammar masks, in place: for each i < n, logits row rows[i] (or row i when rows is NULL) of
+ * `vocab` values (float32, or bf16 when is_bf16) gets -inf at every token whose bit is clear in
+ * bits[i] (`words` int32 words, bit j of word w = token 32 w + j). Tokens at or past 32 * words
+ * (padded embedding rows the tokenizer never names) get -inf too. Why: unpacking the bits into
+ * a [rows, vocab] bool tensor and masked_fill writes and reads several times the logits' size;
+ * here an all-ones word is skipped and a zero word is one run of stores.
+ */
+void thaw_apply_token_mask(void *logits, int64_t vocab, int is_bf16, const int64_t *rows,
+                           int64_t n, const int32_t *bits, int64_t words) {
+    int64_t covered = words * 32 < vocab ? words * 32 : vocab;
+#pragma omp parallel for schedule(static) if (n * vocab >= THAW_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r = rows != NULL ? rows[i] : i;
+        const uint32_t *mask = (const uint32_t *)bits + i * words;
+        if (is_bf16) {
+            bf16 *row = (bf16 *)logits + r * vocab;
+            const bf16 neg = 0xff80u; /* -inf */
+            int64_t t = 0;
+            for (; t + 32 <= covered; t += 32) {
+                uint32_t word = mask[t / 32];
+                if (word == 0xffffffffu) continue;
+#ifdef __AVX512BW__
+                /* One store of -inf to the lanes whose bit is clear. */
+                _mm512_mask_storeu_epi16(row + t, (__mmask32)~word, _mm512_set1_epi16((short)neg));
+#else
+                if (word == 0) {
+                    for (int j = 0; j < 32; j++) row[t + j] = neg;
+                } else {
+                    for (int j = 0; j < 32; j++)
+                        if (!((word >> j) & 1u)) row[t + j] = neg;
+                }
+#endif
+            }
+            for (; t < covered; t++)
+                if (!((mask[t / 32] >> (t % 32)) & 1u)) row[t] = neg;
+            for (; t < vocab; t++) row[t] = neg;
+        } else {
+            float *row = (float *)logits + r * vocab;
+            int64_t t = 0;
+            for (; t + 32 <= covered; t += 32) {
+                uint32_t word = mask[t / 32];
+                if (word == 0xffffffffu) continue;
+#ifdef __AVX512F__
+                __m512 neg = _mm512_set1_ps(-INFINITY);
+                _mm512_mask_storeu_ps(row + t, (__mmask16)~word, neg);
+                _mm512_mask_storeu_ps(row + t + 16, (__mmask16)(~word >> 16), neg);
+#else
+                if (word == 0) {
+                    for (int j = 0; j < 32; j++) row[t + j] = -INFINITY;
+                } else {
+                    for (int j = 0; j < 32; j++)
+                        if (!((word >> j) & 1u)) row[t + j] = -INFINITY;
+                }
+#endif
+            }
+            for (; t < covered; t++)
+                if (!((mask[t / 32] >> (t % 32)) & 1u)) row[t] = -INFINITY;
+            for (; t < vocab; t++) row[t] = -INFINITY;
+        }
     }
 }

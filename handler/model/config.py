@@ -93,7 +93,6 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()
     local_rope: RopeConfig | None = None  # sliding layers' own rotary settings (Gemma 3)
     moe: MoeConfig | None = None
-    plain_llama_layout: bool = True  # what the fused CPU kernels implement
 
     @property
     def scale(self) -> float:
@@ -114,12 +113,12 @@ class ModelConfig:
 
     @property
     def fused_cpu_supported(self) -> bool:
-        """The fused CPU kernel path (llama.py) runs this model: plain Llama layout, full
-        rotary of one kind."""
-        return (
-            self.plain_llama_layout
-            and self.rope.partial_rotary_factor == 1.0
-            and self.rope.rope_type != "longrope"
+        """The fused CPU kernel path (llama.py) runs this model: dense gated MLPs and full
+        rotary without LongRoPE; Gemma's and Qwen3's norms, GeGLU, scaled embeddings, windows
+        and soft-caps included. Mixture-of-experts models run torch ops."""
+        ropes = [self.rope] if self.local_rope is None else [self.rope, self.local_rope]
+        return self.moe is None and all(
+            r.partial_rotary_factor == 1.0 and r.rope_type != "longrope" for r in ropes
         )
 
     @property
@@ -184,7 +183,6 @@ def _from_spec(spec: ArchitectureSpec, hf: dict[str, Any]) -> ModelConfig:
         layer_windows=windows if any(w is not None for w in windows) else (),
         local_rope=local_rope,
         moe=_moe_config(spec, hf),
-        plain_llama_layout=spec.plain_llama_layout,
     )
 
 

@@ -23,6 +23,9 @@ OPENAI_ROUTES: dict[str, str] = {
 # Keys the handler sets itself in a text job's request body; a sampling parameter may not override
 # them, or the handler would misread the answer.
 RESERVED_BODY_KEYS = frozenset({"prompt", "messages", "stream", "stream_options"})
+# A text job yields one text: what would answer with several choices or with tool calls needs the
+# openai_route input, which returns the gateway's OpenAI objects unchanged.
+OPENAI_ROUTE_ONLY_KEYS = frozenset({"tools", "tool_choice", "functions", "function_call"})
 
 
 class JobInputError(ValueError):
@@ -94,6 +97,7 @@ def _text_call(job_input: dict[str, Any]) -> GatewayCall:
     reserved = sorted(RESERVED_BODY_KEYS & params.keys())
     if reserved:
         raise JobInputError(f"sampling_params.{reserved[0]} is not a sampling parameter")
+    _refuse_several_outputs(params)
     stream = job_input.get("stream", False)
     if not isinstance(stream, bool):
         raise JobInputError("stream must be true or false")
@@ -104,3 +108,19 @@ def _text_call(job_input: dict[str, Any]) -> GatewayCall:
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     return GatewayCall("POST", route, body, sse=True, output="text", per_event=stream)
+
+
+def _refuse_several_outputs(params: dict[str, Any]) -> None:
+    route_only = sorted(OPENAI_ROUTE_ONLY_KEYS & params.keys())
+    if route_only:
+        raise JobInputError(
+            f"sampling_params.{route_only[0]} needs the openai_route input "
+            "(a text job has no tool calls)"
+        )
+    for key in ("n", "best_of"):
+        value = params.get(key)
+        if value is not None and value != 1:
+            raise JobInputError(
+                f"sampling_params.{key} > 1 needs the openai_route input "
+                "(a text job yields one text)"
+            )

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::tools::ToolFormat;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -155,6 +157,11 @@ pub struct Config {
     /// Most jobs held at once (running, queued or kept for retention); more get 429.
     #[arg(long, env = "THAW_MAX_JOBS", default_value_t = 10_000)]
     pub max_jobs: usize,
+
+    /// How the served model writes tool calls: hermes, llama3 or mistral (default: detected
+    /// from its chat template).
+    #[arg(long, env = "THAW_TOOL_PARSER", value_enum)]
+    pub tool_parser: Option<ToolFormat>,
 
     /// Extra environment variables the worker gets, comma-separated (`NAME` or `PREFIX_*`).
     #[arg(long, env = "THAW_WORKER_ENV_PASS", value_delimiter = ',')]

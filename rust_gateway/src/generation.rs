@@ -4,13 +4,19 @@
 //! strings) and returns a [`TextStream`] of [`TextEvent`]s whose tokens carry their text delta.
 //! Text is released incrementally (multi-byte characters complete, stop strings trimmed); a stop
 //! string ends generation with `stop_sequence` and cancels the request in the worker.
+//!
+//! [`Generator::generate_siblings`] starts `n` requests for one prompt (OpenAI's `n` and
+//! `best_of`): the first as given, the others forks of it that share its prompt's KV blocks,
+//! read together through [`Siblings`].
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::select_all;
+
 use crate::engine::{
-    Engine, EngineError, EngineEvent, FinishReason, QueueSlot, SampledToken, TokenRequest,
-    TokenStream,
+    Engine, EngineError, EngineEvent, FinishReason, PromptLogprob, QueueSlot, SampledToken,
+    TokenRequest, TokenStream,
 };
 use crate::metrics::Metrics;
 use crate::served_model::SharedModel;
@@ -39,6 +45,8 @@ pub struct Completion {
 pub enum TextEvent {
     /// The worker took the request (it left the gateway queue).
     Started,
+    /// The prompt's logprobs (when asked for): one per prompt token from the second on.
+    PromptLogprobs(Vec<PromptLogprob>),
     Token(GeneratedToken),
     /// Finished without a final token (cancelled); `text` is whatever was still held back.
     Done {
@@ -62,23 +70,59 @@ impl Generator {
         &self.engine
     }
 
-    pub fn generate(
-        &self,
-        model: SharedModel,
-        request: ValidRequest,
-    ) -> Result<TextStream, EngineError> {
-        let slot = self.engine.reserve()?;
-        self.generate_in(slot, model, request)
-    }
-
-    /// Starts `request` in the queue place `slot` reserved before it was validated.
-    pub fn generate_in(
+    /// Starts `count` siblings of `request` (`count` >= 1): the first in `slot`, each other
+    /// one in a queue place of its own, as a fork of the first (see [`sibling`]). A refusal
+    /// of any (a full queue) drops those already started, which cancels them.
+    pub fn generate_siblings(
         &self,
         slot: QueueSlot,
         model: SharedModel,
-        request: ValidRequest,
-    ) -> Result<TextStream, EngineError> {
-        self.start(slot, model, request, 0)
+        request: &ValidRequest,
+        count: usize,
+    ) -> Result<Siblings, EngineError> {
+        self.siblings(slot, model, request, count, 0)
+    }
+
+    /// Runs all siblings again after their worker was lost (a job's retry); `previous_attempts`
+    /// count against each one's limit.
+    pub fn retry_siblings(
+        &self,
+        model: SharedModel,
+        request: &ValidRequest,
+        count: usize,
+        previous_attempts: u32,
+    ) -> Result<Siblings, EngineError> {
+        let slot = self.engine.reserve()?;
+        self.siblings(slot, model, request, count, previous_attempts)
+    }
+
+    fn siblings(
+        &self,
+        slot: QueueSlot,
+        model: SharedModel,
+        request: &ValidRequest,
+        count: usize,
+        previous_attempts: u32,
+    ) -> Result<Siblings, EngineError> {
+        let attempts = previous_attempts;
+        let first = self.start(slot, model.clone(), sibling(request, 0), attempts, None)?;
+        // A sibling that asks for prompt logprobs computes its whole prompt anyway: it shares
+        // nothing, so it need not wait for the first one's prefill.
+        let parent =
+            Some(first.tokens.ticket()).filter(|_| request.params.prompt_logprobs.is_none());
+        let mut streams = vec![Some(first)];
+        for index in 1..count {
+            let slot = self.engine.reserve()?;
+            let fork = self.start(
+                slot,
+                model.clone(),
+                sibling(request, index),
+                attempts,
+                parent,
+            )?;
+            streams.push(Some(fork));
+        }
+        Ok(Siblings { streams })
     }
 
     /// Runs `request` again after its worker was lost; `previous_attempts` (the failed
@@ -90,7 +134,7 @@ impl Generator {
         previous_attempts: u32,
     ) -> Result<TextStream, EngineError> {
         let slot = self.engine.reserve()?;
-        self.start(slot, model, request, previous_attempts)
+        self.start(slot, model, request, previous_attempts, None)
     }
 
     fn start(
@@ -99,6 +143,7 @@ impl Generator {
         model: SharedModel,
         request: ValidRequest,
         previous_attempts: u32,
+        fork_of: Option<u64>,
     ) -> Result<TextStream, EngineError> {
         let input_tokens = request.prompt_ids.len();
         let tokens = self.engine.submit_in(
@@ -107,6 +152,7 @@ impl Generator {
                 prompt: request.prompt_ids,
                 params: request.params,
                 previous_attempts,
+                fork_of,
             },
         )?;
         self.metrics.input_tokens.observe(input_tokens as f64);
@@ -155,6 +201,7 @@ impl TextStream {
         };
         Some(match event {
             EngineEvent::Started => Ok(TextEvent::Started),
+            EngineEvent::PromptLogprobs(items) => Ok(TextEvent::PromptLogprobs(items)),
             EngineEvent::Token(sampled) => Ok(TextEvent::Token(self.on_token(sampled))),
             EngineEvent::Finished(reason) => {
                 let text = self.flush();
@@ -228,5 +275,101 @@ impl TextStream {
             reason,
             generated_tokens: self.generated,
         }
+    }
+}
+
+/// The request of sibling `index` of `request`: with a seed, sibling i samples with seed + i
+/// (wrapping inside the seed's 63 bits) so that the choices differ yet are reproducible.
+pub fn sibling(request: &ValidRequest, index: usize) -> ValidRequest {
+    let mut sibling = request.clone();
+    if let Some(seed) = sibling.params.seed.as_mut() {
+        *seed = seed.wrapping_add(index as u64) & (i64::MAX as u64);
+    }
+    sibling
+}
+
+/// The streams of a request's siblings, read together: events come tagged with the sibling's
+/// index as they arrive. Dropping it cancels every sibling still running.
+pub struct Siblings {
+    /// `None` once that sibling's stream ended.
+    streams: Vec<Option<TextStream>>,
+}
+
+impl Siblings {
+    /// The next event of any sibling; `None` once every sibling's stream ended.
+    pub async fn next(&mut self) -> Option<(usize, Result<TextEvent, EngineError>)> {
+        loop {
+            let pending: Vec<_> = self
+                .streams
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(index, stream)| {
+                    let stream = stream.as_mut()?;
+                    Some(Box::pin(async move { (index, stream.next().await) }))
+                })
+                .collect();
+            if pending.is_empty() {
+                return None;
+            }
+            // `TextStream::next` is cancel-safe: the futures not chosen lose nothing.
+            let ((index, event), _, _) = select_all(pending).await;
+            match event {
+                Some(event) => return Some((index, event)),
+                None => self.streams[index] = None,
+            }
+        }
+    }
+
+    /// The most workers any sibling ran in, for a retry of them all.
+    pub fn max_attempts(&self) -> u32 {
+        self.streams
+            .iter()
+            .flatten()
+            .map(TextStream::attempts)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Workers sibling `index` ran in, for its retry.
+    pub fn attempts(&self, index: usize) -> u32 {
+        self.streams
+            .get(index)
+            .and_then(Option::as_ref)
+            .map_or(0, TextStream::attempts)
+    }
+
+    /// Puts a new stream (a retry) in the place of sibling `index`.
+    pub fn replace(&mut self, index: usize, stream: TextStream) {
+        if let Some(place) = self.streams.get_mut(index) {
+            *place = Some(stream);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Params;
+
+    fn seeded(seed: Option<u64>) -> ValidRequest {
+        ValidRequest {
+            prompt_ids: vec![1, 2],
+            params: Params {
+                seed,
+                ..Params::default()
+            },
+            stop: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn siblings_sample_with_seed_plus_their_index() {
+        let seeds: Vec<_> = (0..3)
+            .map(|i| sibling(&seeded(Some(7)), i).params.seed)
+            .collect();
+        assert_eq!(seeds, vec![Some(7), Some(8), Some(9)]);
+        let top = i64::MAX as u64;
+        assert_eq!(sibling(&seeded(Some(top)), 1).params.seed, Some(0));
+        assert_eq!(sibling(&seeded(None), 2).params.seed, None);
     }
 }

@@ -12,6 +12,10 @@ const LAYERS: &[(&str, usize)] = &[
     ("protocol", 0),
     ("text", 0),
     ("chat_template", 0),
+    // Structured output: user constraints as one llguidance grammar; tools, their prompt,
+    // grammar and output parsers.
+    ("constraint", 0),
+    ("tools", 0),
     ("readiness", 0),
     // Engine: the worker's supervision and queue, and the metrics they feed.
     ("metrics", 1),

@@ -4,6 +4,7 @@
 mod api;
 pub mod chat_template;
 mod config;
+mod constraint;
 mod engine;
 mod error;
 mod generation;
@@ -20,6 +21,7 @@ mod startup;
 mod state;
 mod text;
 mod tgi;
+mod tools;
 mod validation;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::chat_template::ChatTemplate;
 use crate::config::Config;
 use crate::text::TextTokenizer;
+use crate::tools::ToolSupport;
 
 /// Context used when config.json does not say.
 const FALLBACK_CONTEXT: usize = 4096;
@@ -64,6 +65,8 @@ pub struct ServedModel {
     pub eos_token_ids: Vec<u32>,
     /// The snapshot's chat template; `None` when it has none (or a broken one, logged).
     pub chat_template: Option<ChatTemplate>,
+    /// How the model writes tool calls (from its template, or THAW_TOOL_PARSER).
+    pub tools: ToolSupport,
     /// Prompt and generation limits: the model's, unless the configuration overrides them.
     pub limits: Limits,
 }
@@ -96,13 +99,30 @@ pub fn load(dir: &Path, config: &Config) -> Result<ServedModel, String> {
         tracing::warn!(%err, "ignoring the snapshot's chat template");
         None
     });
+    let mut tools = ToolSupport::new(
+        chat_template.as_ref().map(ChatTemplate::source),
+        config.tool_parser,
+    );
+    tools.marker_token = tools
+        .format
+        .marker()
+        .and_then(|marker| special_token_id(&tokenizer, marker));
     Ok(ServedModel {
         tokenizer,
         chat_template,
+        tools,
         model_id,
         eos_token_ids,
         limits: Limits::new(config, context_length, default_max_new_tokens),
     })
+}
+
+/// The id of `text` when the tokenizer holds it as one special token.
+fn special_token_id(tokenizer: &TextTokenizer, text: &str) -> Option<u32> {
+    match tokenizer.encode(text, false).ok()?.as_slice() {
+        [id] if tokenizer.is_special(*id) => Some(*id),
+        _ => None,
+    }
 }
 
 /// A missing optional JSON file reads as an empty object; a broken one is an error.

@@ -144,14 +144,17 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_unsupported_parameters_are_refused(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model="default", messages=CHAT, n=2)
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(
-            model="default",
-            messages=CHAT,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
+    def refusal(**kw: object) -> str:
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            client.chat.completions.create(model="default", messages=CHAT, **kw)
+        return refused.value.response.json()["error"]
+
+    assert "`n`" in refusal(n=17)
+    functions = [{"name": "f", "parameters": {}}]
+    assert "function" in refusal(functions=functions, function_call={"name": "f"})
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.completions.create(model="default", prompt="a", suffix="b", max_tokens=2)
+    assert "suffix" in refused.value.response.json()["error"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="default", messages="not a list")  # type: ignore[arg-type]
 

@@ -26,7 +26,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "chat_templates"
 EXPECTED = FIXTURES / "expected.json"
 TEMPLATES = ("llama3", "mistral", "qwen2", "smollm2")
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 SYSTEM = {"role": "system", "content": "You are a terse assistant."}
 ASK = {"role": "user", "content": "What is the capital of France?"}
@@ -39,6 +39,42 @@ class Conversation:
     name: str
     messages: list[Message]
     add_generation_prompt: bool = True
+    # OpenAI tool objects, passed as `tools=` (templates without tool support ignore them).
+    tools: list[dict[str, Any]] | None = None
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_ASK = {"role": "user", "content": "Weather in Paris?"}
+# Mistral's template wants 9-character call ids; arguments as a dict, as transformers takes them.
+# Content is "" (not None) so that the templates without tool support render the turn too.
+WEATHER_CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {
+            "id": "abcdefghi",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+        }
+    ],
+}
+WEATHER_RESULT = {
+    "role": "tool",
+    "tool_call_id": "abcdefghi",
+    "name": "get_weather",
+    "content": '{"celsius": 21}',
+}
 
 
 CONVERSATIONS = (
@@ -62,6 +98,10 @@ CONVERSATIONS = (
     Conversation(
         "tool_result",
         [ASK, {"role": "tool", "content": '{"temperature": 21}'}, FOLLOW_UP],
+    ),
+    Conversation("tools_offered", [SYSTEM, WEATHER_ASK], tools=[WEATHER_TOOL]),
+    Conversation(
+        "tool_round_trip", [WEATHER_ASK, WEATHER_CALL, WEATHER_RESULT], tools=[WEATHER_TOOL]
     ),
 )
 
@@ -111,9 +151,12 @@ def render_case(tokenizer: Any, conversation: Conversation) -> dict[str, Any]:
         "messages": conversation.messages,
         "add_generation_prompt": conversation.add_generation_prompt,
     }
+    if conversation.tools is not None:
+        case["tools"] = conversation.tools
     try:
         case["expected"] = tokenizer.apply_chat_template(
             conversation.messages,
+            tools=conversation.tools,
             tokenize=False,
             add_generation_prompt=conversation.add_generation_prompt,
         )

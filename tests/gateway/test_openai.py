@@ -214,18 +214,28 @@ def test_logprobs(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     "route, extra, word",
     [
-        ("/v1/chat/completions", {"n": 2}, "`n`"),
+        ("/v1/chat/completions", {"n": 17}, "`n`"),
         (
             "/v1/chat/completions",
-            {"tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tool",
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "`tool_choice`",
         ),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
-        ("/v1/chat/completions", {"stream": True, "n": 3}, "`n`"),
-        ("/v1/completions", {"echo": True}, "echo"),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "`response_format.json_schema.schema`",
+        ),
+        ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"999999": 1}}, "vocabulary"),
+        ("/v1/chat/completions", {"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ("/v1/chat/completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
+        ("/v1/chat/completions", {"stream": True, "n": 0}, "`n`"),
         ("/v1/completions", {"suffix": "!"}, "suffix"),
-        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/completions", {"best_of": 2, "n": 3}, "best_of"),
+        ("/v1/completions", {"best_of": 3, "stream": True}, "best_of"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "exactly one"),
         ("/v1/completions", {"prompt": [999999]}, "vocabulary"),
         ("/v1/completions", {"temperature": -1, "stream": True}, "temperature"),
@@ -244,7 +254,7 @@ def test_what_the_engine_cannot_honour_is_422(
 
 def test_openai_client_error_classes(client: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model="m", messages=CHAT, n=2)
+        client.chat.completions.create(model="m", messages=CHAT, n=17)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages="not a list")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError):
@@ -344,7 +354,10 @@ def test_run_and_stream_with_openai_route(chat_gateway: Gateway) -> None:
     "job_input, status",
     [
         ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": "x"}}, 400),
-        ({"openai_route": "/v1/chat/completions", "openai_input": {"messages": CHAT, "n": 2}}, 422),
+        (
+            {"openai_route": "/v1/chat/completions", "openai_input": {"messages": CHAT, "n": 17}},
+            422,
+        ),
         ({"openai_route": "/v1/embeddings", "openai_input": {"input": "x"}}, 422),
         ({"openai_route": "/v1/completions"}, 422),
     ],

@@ -144,6 +144,8 @@ def exercise_ready_gateway(gateway: Gateway, check: Callable[..., requests.Respo
     for path in ("/", "/generate", "/generate_stream"):
         assert post(path, json=tgi).status_code == 200
     assert post("/", json={**tgi, "stream": True}).status_code == 200
+    best_of = {"best_of": 2, "do_sample": True}
+    assert post("/generate", json={**tgi, "parameters": {**tgi["parameters"], **best_of}}).ok
     assert post("/tokenize", json={"inputs": "hello"}).status_code == 200
     assert post("/generate", data=b'{"inputs": ', headers=JSON).status_code == 400
     assert post("/generate", json={"inputs": 5}).status_code == 422
@@ -161,8 +163,11 @@ def exercise_ready_gateway(gateway: Gateway, check: Callable[..., requests.Respo
     assert post("/v1/completions", json=text).status_code == 200
     assert post("/v1/completions", json={**text, "stream": True}).status_code == 200
     assert post("/v1/chat/completions", json={"messages": "x"}).status_code == 400
-    assert post("/v1/chat/completions", json={**chat, "n": 2}).status_code == 422
-    assert post("/v1/completions", json={"prompt": "x", "echo": True}).status_code == 422
+    assert post("/v1/chat/completions", json={**chat, "n": 17}).status_code == 422
+    assert post("/v1/completions", json={"prompt": "x", "best_of": 1, "n": 2}).status_code == 422
+    assert post("/v1/chat/completions", json={**chat, "n": 2}).status_code == 200
+    assert post("/v1/chat/completions", json={**streamed, "n": 2}).status_code == 200
+    assert post("/v1/completions", json={**text, "echo": True, "best_of": 3}).status_code == 200
 
     jobs = [
         {"prompt": "hello", "sampling_params": {"max_tokens": 3}},

@@ -32,6 +32,10 @@ PARAMS = {
     "stop_token_ids": [],
     "ignore_eos": True,
     "logprobs": 0,
+    "logit_bias": [],
+    "min_tokens": 0,
+    "constraint": None,
+    "prompt_logprobs": None,
 }
 PROMPTS = [[1, 5, 9, 13], [1, 100, 200, 300, 400, 500, 7], [1, 42]]
 
@@ -215,6 +219,58 @@ def test_bad_submits_get_errors_and_worker_keeps_serving(gateway: FakeGateway) -
     assert gateway.close() == 0
 
 
+def test_protocol_2_keys_bad_values_get_errors_alone(gateway: FakeGateway) -> None:
+    gateway.start()
+    bad = [
+        message("submit", id=20, prompt=[1, 2], params={**PARAMS, "logit_bias": [[512, 1.0]]}),
+        message("submit", id=21, prompt=[1, 2], params={**PARAMS, "logit_bias": [[5, 101.0]]}),
+        message("submit", id=22, prompt=[1, 2], params={**PARAMS, "logit_bias": {"5": 1.0}}),
+        message("submit", id=23, prompt=[1, 2], params={**PARAMS, "min_tokens": 7}),
+        message("submit", id=24, prompt=[1, 2], params={**PARAMS, "constraint": "{not json"}),
+        message("submit", id=25, prompt=[1, 2], params={**PARAMS, "prompt_logprobs": 21}),
+        message("submit", id=26, prompt=[1, 2], params=PARAMS, fork_of=-1),
+    ]
+    for msg in bad:
+        gateway.conn.send(msg)
+    gateway.conn.send(message("submit", id=27, prompt=[1, 2, 3], params=PARAMS))
+    results = gateway.collect({20, 21, 22, 23, 24, 25, 26, 27})
+    for i, field in zip(
+        range(20, 27),
+        ["logit_bias", "logit_bias", "logit_bias", "min_tokens", "constraint", "prompt_logprobs"]
+        + ["fork_of"],
+        strict=True,
+    ):
+        assert field in (results[i]["error"] or ""), (i, results[i])
+    assert results[27]["finish"] == "length" and len(results[27]["tokens"]) == 6
+    assert gateway.close() == 0
+
+
+def test_prompt_logprobs_come_before_the_first_output(gateway: FakeGateway) -> None:
+    gateway.start()
+    prompt = PROMPTS[1]
+    params = {**PARAMS, "prompt_logprobs": 2, "max_new_tokens": 3}
+    gateway.conn.send(message("submit", id=1, prompt=prompt, params=params))
+    gateway.conn.send(message("submit", id=2, prompt=prompt, params=PARAMS, fork_of=1))
+    seen: list[str] = []
+    pending = {1, 2}
+    while pending:
+        msg = gateway.conn.recv()
+        if msg["t"] == "prompt_logprobs":
+            assert msg["id"] == 1 and "outputs" not in seen
+            assert len(msg["items"]) == len(prompt) - 1
+            assert all(isinstance(lp, float) and len(top) == 2 for lp, top in msg["items"])
+            seen.append("prompt_logprobs")
+        elif msg["t"] == "outputs":
+            for item in msg["items"]:
+                if item["id"] == 1:
+                    seen.append("outputs")
+                if item["finish"] is not None:
+                    pending.discard(item["id"])
+        assert msg["t"] != "error", msg
+    assert seen[0] == "prompt_logprobs" and seen.count("prompt_logprobs") == 1
+    assert gateway.close() == 0
+
+
 def test_cancel_stops_a_request(gateway: FakeGateway) -> None:
     gateway.start()
     long_params = {**PARAMS, "max_new_tokens": 200}
@@ -364,3 +420,42 @@ def test_a_bad_fault_injection_setting_stops_the_worker(tiny_snapshot: Path) -> 
     )
     assert done.returncode == 1
     assert "THAW_FAULT_INJECT: unknown fault 'explode'" in done.stderr
+
+
+def test_a_constrained_request_through_the_socket(tiny_snapshot: Path, tmp_path: Path) -> None:
+    """A snapshot whose tokenizer.json is byte-level: a grammar constrains its tokens, the
+    request ends with EOS, and a bad grammar beside it fails alone."""
+    import re
+    import shutil
+
+    import llguidance
+
+    from tests.handler.engine.grammar_fixtures import decode, write_byte_tokenizer
+    from tests.support.snapshot_fixtures import rewrite_manifest_checksums
+
+    snap = tmp_path / "snap"
+    shutil.copytree(tiny_snapshot, snap)
+    write_byte_tokenizer(snap / "tokenizer.json")
+    rewrite_manifest_checksums(snap)
+    gw = FakeGateway(snap)
+    try:
+        gw.start()
+        regex = "(true|false|[a-d]{2,5})"
+        grammar = llguidance.LLMatcher.grammar_from_regex(regex)
+        params = {**PARAMS, "max_new_tokens": 12, "ignore_eos": False, "constraint": grammar}
+        gw.conn.send(message("submit", id=1, prompt=PROMPTS[0], params=params))
+        gw.conn.send(
+            message("submit", id=2, prompt=PROMPTS[1], params={**params, "constraint": "{"})
+        )
+        gw.conn.send(message("submit", id=3, prompt=PROMPTS[2], params=PARAMS))
+        results = gw.collect({1, 2, 3})
+        assert results[1]["finish"] == "eos_token" and results[1]["tokens"][-1] == 2
+        text = decode(snap / "tokenizer.json", results[1]["tokens"][:-1])
+        assert re.fullmatch(regex, text), text
+        assert "constraint" in results[2]["error"]
+        assert results[3]["finish"] == "length"
+        assert gw.close() == 0
+    finally:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()

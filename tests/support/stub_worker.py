@@ -16,6 +16,14 @@ are deterministic and decode to a known text. Behaviour is set by environment va
                            request that kills each worker it reaches)
   STUB_CRASH_AFTER_READY_S exit abruptly this many seconds after `ready` (a crash loop)
   STUB_ENV_FILE            write the environment the stub was started with there (JSON)
+  STUB_SUBMIT_LOG          append each accepted submit there, one JSON line: id, fork_of, params
+  STUB_SCRIPT              comma-separated token ids every request generates, in order, instead
+                           of echoing its prompt; then EOS (a scripted model output)
+
+A submit with `fork_of` waits until the request it names has produced its first token (its
+prefill) or is gone, as the real worker does. A request with `prompt_logprobs` gets its
+`prompt_logprobs` message before its first token: token i of the prompt scores -i/8, and each
+of its k alternatives is the token itself.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from handler.protocol import (
     PROTOCOL_VERSION,
     FrameSocket,
     ProtocolError,
+    fork_of,
     message,
     output_item,
+    prompt_logprobs_items,
     sampling_params,
 )
 
@@ -52,6 +62,7 @@ class StubConfig:
     crash_once_file: str
     crash_on_max_tokens: int
     crash_after_ready_s: float
+    script: list[int] = field(default_factory=list)
 
     @classmethod
     def from_env(cls) -> StubConfig:
@@ -68,6 +79,7 @@ class StubConfig:
             crash_once_file=env.get("STUB_CRASH_ONCE_FILE", ""),
             crash_on_max_tokens=int(env.get("STUB_CRASH_ON_MAX_TOKENS", "0")),
             crash_after_ready_s=float(env.get("STUB_CRASH_AFTER_READY_S", "0")),
+            script=[int(i) for i in env.get("STUB_SCRIPT", "").split(",") if i.strip()],
         )
 
 
@@ -76,6 +88,8 @@ class StubRequest:
     prompt: list[int]
     max_new_tokens: int
     logprobs: int
+    prompt_logprobs: int | None = None
+    fork_of: int | None = None
     produced: int = 0
 
 
@@ -109,9 +123,17 @@ class StubEngine:
         if problem is not None:
             return message("error", id=msg.get("id", 0), message=problem)
         params = msg["params"]
+        parent = fork_of(msg)
         self.requests[msg["id"]] = StubRequest(
-            msg["prompt"], params["max_new_tokens"], params["logprobs"]
+            msg["prompt"],
+            params["max_new_tokens"],
+            params["logprobs"],
+            prompt_logprobs=params.get("prompt_logprobs"),
+            fork_of=parent,
         )
+        if log := os.environ.get("STUB_SUBMIT_LOG"):
+            with open(log, "a") as out:
+                out.write(json.dumps({"id": msg["id"], "fork_of": parent, "params": params}) + "\n")
         return None
 
     def maybe_crash(self) -> None:
@@ -131,13 +153,44 @@ class StubEngine:
             return None
         return output_item(request_id, None, None, None, "cancelled")
 
+    def waiting_for_parent(self, request: StubRequest) -> bool:
+        parent = self.requests.get(request.fork_of) if request.fork_of is not None else None
+        return parent is not None and parent.produced == 0
+
+    def prompt_logprobs(self) -> list[dict[str, Any]]:
+        """The prompt_logprobs messages due before this step's first tokens."""
+        messages = []
+        for request_id, request in self.requests.items():
+            k = request.prompt_logprobs
+            if k is None or request.produced or self.waiting_for_parent(request):
+                continue
+            entries = [
+                (-i / 8, [(token, -i / 8)] * k if k else None)
+                for i, token in enumerate(request.prompt[1:], start=1)
+            ]
+            messages.append(
+                message("prompt_logprobs", id=request_id, items=prompt_logprobs_items(entries))
+            )
+        return messages
+
     def run_step(self) -> list[dict[str, Any]]:
-        """One token for every running request."""
+        """One token for every running request (forks wait for their parent's first)."""
         items = []
-        for request_id, request in list(self.requests.items()):
+        ready = [
+            (request_id, request)
+            for request_id, request in self.requests.items()
+            if not self.waiting_for_parent(request)
+        ]
+        for request_id, request in ready:
             limit = min(request.max_new_tokens, self.config.tokens)
             request.produced += 1
-            if request.produced >= self.config.tokens and request.produced < request.max_new_tokens:
+            produced, script = request.produced, self.config.script
+            if script and produced > len(script):
+                token, finish = self.config.eos_id, "eos_token"
+            elif script:
+                token = script[produced - 1]
+                finish = "length" if produced >= request.max_new_tokens else None
+            elif produced >= self.config.tokens and produced < request.max_new_tokens:
                 token, finish = self.config.eos_id, "eos_token"
             else:
                 token = request.prompt[(request.produced - 1) % len(request.prompt)]
@@ -200,6 +253,8 @@ def serve(sock: FrameSocket, engine: StubEngine) -> int:
             if engine.config.token_delay_s and engine.requests:
                 continue  # take every queued frame before the next timed step
         if engine.requests:
+            for scored in engine.prompt_logprobs():
+                sock.send(scored)
             sock.send(message("outputs", step=engine.step, items=engine.run_step()))
 
 

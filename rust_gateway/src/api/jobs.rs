@@ -73,12 +73,13 @@ async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<St
             .map_err(|refusal| ApiError::Validation(refusal.to_string()))?;
     }
     let policy = body.policy.unwrap_or_default();
-    let (prompt, spec, format) = match body.input.into_request()? {
-        JobRequest::Text { prompt, spec } => (prompt, spec, JobFormat::Text),
+    let (prompt, spec, format, candidates) = match body.input.into_request()? {
+        JobRequest::Text { prompt, spec } => (prompt, spec, JobFormat::Text, 1),
         JobRequest::OpenAi(request) => (
             request.prompt,
             request.spec,
             JobFormat::OpenAi(request.options),
+            request.options.candidates(),
         ),
         JobRequest::Models => return models_job(app, retention).await,
     };
@@ -93,7 +94,7 @@ async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<St
     let (model, request) = (admitted.model, admitted.request);
     let stream = app
         .generator
-        .generate_in(admitted.slot, model.clone(), request.clone())
+        .generate_siblings(admitted.slot, model.clone(), &request, candidates)
         .map_err(ApiError::from)?;
     reservation.kept = true;
     let context = JobContext {
@@ -111,6 +112,7 @@ async fn submit(app: &AppState, body: RunBody, retention: Duration) -> Result<St
         model,
         request,
         format,
+        candidates,
         execution_timeout: policy.execution_timeout(),
         ttl: policy.ttl(),
         webhook,

@@ -9,28 +9,45 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 
 use super::JsonBody;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, PromptLogprob};
 use crate::error::ApiError;
-use crate::generation::{Completion, GeneratedToken, TextEvent, TextStream};
+use crate::generation::{sibling, Completion, GeneratedToken, Siblings, TextEvent};
 use crate::served_model::SharedModel;
 use crate::state::{Admitted, AppState};
 use crate::tgi::{
-    Details, GenerateBody, GenerateResponse, OutputOptions, PrefillToken, StreamDetails,
-    StreamResponse, TokenInfo, TokenizedToken,
+    BestOfSequence, Details, GenerateBody, GenerateResponse, OutputOptions, PrefillToken,
+    StreamDetails, StreamResponse, TokenInfo, TokenizedToken,
 };
-use crate::validation::{PromptInput, ValidRequest, MAX_STOP_SEQUENCES};
+use crate::validation::{PromptInput, ValidRequest, MAX_SIBLINGS, MAX_STOP_SEQUENCES};
 
-/// A validated request, started in the engine.
+/// A validated request, started in the engine: one sibling per `best_of` candidate.
 struct Started {
     model: SharedModel,
-    stream: TextStream,
+    siblings: Siblings,
     inputs: String,
     request: ValidRequest,
     options: OutputOptions,
 }
 
-async fn start(app: &AppState, body: GenerateBody) -> Result<Started, ApiError> {
-    let (spec, options) = body.parameters.unwrap_or_default().to_spec()?;
+async fn start(
+    app: &AppState,
+    mut body: GenerateBody,
+    streamed: bool,
+) -> Result<Started, ApiError> {
+    if streamed {
+        // Streams carry no prefill: the prompt's logprobs would be computed for nothing.
+        if let Some(parameters) = body.parameters.as_mut() {
+            parameters.decoder_input_details = None;
+        }
+    }
+    // Off the async threads: a `grammar` is compiled here.
+    let parameters = body.parameters.unwrap_or_default();
+    let (spec, options) = app.off_thread(move || parameters.to_spec()).await??;
+    if streamed && options.best_of > 1 {
+        return Err(ApiError::Validation(
+            "`best_of` > 1 cannot be streamed".into(),
+        ));
+    }
     let Admitted {
         model,
         request,
@@ -38,49 +55,77 @@ async fn start(app: &AppState, body: GenerateBody) -> Result<Started, ApiError> 
     } = app
         .admit(PromptInput::Text(body.inputs.clone()), spec)
         .await?;
-    let stream = app
-        .generator
-        .generate_in(slot, model.clone(), request.clone())?;
+    let siblings =
+        app.generator
+            .generate_siblings(slot, model.clone(), &request, options.best_of)?;
     Ok(Started {
         model,
-        stream,
+        siblings,
         inputs: body.inputs,
         request,
         options,
     })
 }
 
-/// The whole output of one generation.
+/// The whole output of one candidate.
 #[derive(Default)]
 struct Collected {
     text: String,
     tokens: Vec<TokenInfo>,
     top: Vec<Vec<TokenInfo>>,
     completion: Option<Completion>,
+    /// The prompt's logprobs, when `decoder_input_details` asked for them.
+    prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// What `best_of` ranks by.
+    cumulative_logprob: f64,
 }
 
-async fn collect(
-    model: &SharedModel,
-    stream: &mut TextStream,
-    with_top: bool,
-) -> Result<Collected, EngineError> {
-    let mut out = Collected::default();
-    while let Some(event) = stream.next().await {
-        match event? {
+impl Collected {
+    fn push(&mut self, model: &SharedModel, event: TextEvent, with_top: bool) {
+        match event {
             TextEvent::Started => {}
+            TextEvent::PromptLogprobs(items) => self.prompt_logprobs = Some(items),
             TextEvent::Token(token) => {
-                out.text.push_str(&token.text);
+                self.text.push_str(&token.text);
                 if with_top {
-                    out.top
+                    self.top
                         .push(TokenInfo::alternatives(&model.tokenizer, &token));
                 }
-                out.tokens.push(TokenInfo::generated(&token));
-                out.completion = token.finish.clone().or(out.completion);
+                self.cumulative_logprob += token.logprob.unwrap_or(0.0);
+                self.tokens.push(TokenInfo::generated(&token));
+                self.completion = token.finish.clone().or(self.completion.take());
             }
             TextEvent::Done { completion, text } => {
-                out.text.push_str(&text);
-                out.completion = Some(completion);
+                self.text.push_str(&text);
+                self.completion = Some(completion);
             }
+        }
+    }
+}
+
+/// Every candidate's whole output. The client has seen nothing yet, so a candidate whose
+/// worker died simply runs again; the engine's attempt limit ends this (`Crashed`).
+async fn collect(app: &AppState, started: &mut Started) -> Result<Vec<Collected>, ApiError> {
+    let with_top = started.options.top_n_tokens;
+    let mut out: Vec<Collected> = (0..started.options.best_of)
+        .map(|_| Collected::default())
+        .collect();
+    while let Some((index, event)) = started.siblings.next().await {
+        let Some(collected) = out.get_mut(index) else {
+            continue;
+        };
+        match event {
+            Ok(event) => collected.push(&started.model, event, with_top),
+            Err(EngineError::WorkerLost) => {
+                let attempts = started.siblings.attempts(index);
+                let request = sibling(&started.request, index);
+                let retry = app
+                    .generator
+                    .retry(started.model.clone(), request, attempts)?;
+                *collected = Collected::default();
+                started.siblings.replace(index, retry);
+            }
+            Err(error) => return Err(error.into()),
         }
     }
     Ok(out)
@@ -90,51 +135,77 @@ pub async fn generate(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
+    let mut started = start(&app, body, false).await?;
+    let mut candidates: Vec<(usize, Collected)> = collect(&app, &mut started)
+        .await?
+        .into_iter()
+        .enumerate()
+        .collect();
+    // The most likely candidate is the answer (TGI's `best_of`); the rest, in order, follow.
+    let best = candidates
+        .iter()
+        .enumerate()
+        .max_by(|(_, a), (_, b)| a.1.cumulative_logprob.total_cmp(&b.1.cumulative_logprob))
+        .map(|(at, _)| at)
+        .ok_or_else(|| ApiError::Generation("generation ended without finishing".into()))?;
+    let (index, chosen) = candidates.remove(best);
     let Started {
         model,
-        mut stream,
         inputs,
         request,
         options,
-    } = start(&app, body).await?;
-    // The client has seen nothing yet, so a request whose worker died simply runs again; the
-    // engine's attempt limit ends this (`Crashed`).
-    let Collected {
-        text,
-        tokens,
-        top,
-        completion,
-    } = loop {
-        match collect(&model, &mut stream, options.top_n_tokens).await {
-            Err(EngineError::WorkerLost) => {
-                stream = app
-                    .generator
-                    .retry(model.clone(), request.clone(), stream.attempts())?;
-            }
-            other => break other?,
-        }
-    };
-    let completion = completion
-        .ok_or_else(|| ApiError::Generation("generation ended without finishing".into()))?;
-    let details = options.details.then(|| Details {
-        finish_reason: completion.reason,
-        generated_tokens: completion.generated_tokens,
-        seed: request.params.seed,
-        prefill: if options.decoder_input_details {
-            PrefillToken::prompt(&model.tokenizer, &request.prompt_ids)
+        ..
+    } = started;
+    let prefill = |collected: &Collected| {
+        if options.decoder_input_details {
+            PrefillToken::prompt(
+                &model.tokenizer,
+                &request.prompt_ids,
+                collected.prompt_logprobs.as_deref(),
+            )
         } else {
             Vec::new()
-        },
-        tokens,
-        top_tokens: top,
-    });
-    let generated_text = if options.return_full_text {
-        inputs + &text
-    } else {
-        text
+        }
     };
+    let full_text = |text: String| {
+        if options.return_full_text {
+            inputs.clone() + &text
+        } else {
+            text
+        }
+    };
+    let finished = |collected: &Collected| {
+        collected
+            .completion
+            .clone()
+            .ok_or_else(|| ApiError::Generation("generation ended without finishing".into()))
+    };
+    let completion = finished(&chosen)?;
+    let chosen_prefill = prefill(&chosen);
+    let mut others = Vec::with_capacity(candidates.len());
+    for (at, candidate) in candidates {
+        let done = finished(&candidate)?;
+        others.push(BestOfSequence {
+            prefill: prefill(&candidate),
+            generated_text: full_text(candidate.text),
+            finish_reason: done.reason,
+            generated_tokens: done.generated_tokens,
+            seed: sibling(&request, at).params.seed,
+            tokens: candidate.tokens,
+            top_tokens: candidate.top,
+        });
+    }
+    let details = options.details.then_some(Details {
+        finish_reason: completion.reason,
+        generated_tokens: completion.generated_tokens,
+        seed: sibling(&request, index).params.seed,
+        prefill: chosen_prefill,
+        tokens: chosen.tokens,
+        top_tokens: chosen.top,
+        best_of_sequences: (options.best_of > 1).then_some(others),
+    });
     Ok(Json(GenerateResponse {
-        generated_text,
+        generated_text: full_text(chosen.text),
         details,
     }))
 }
@@ -157,10 +228,10 @@ pub async fn generate_stream(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    let mut started = start(&app, body).await?;
+    let mut started = start(&app, body, true).await?;
     let first = loop {
-        match started.stream.next().await {
-            Some(Ok(TextEvent::Started)) => continue,
+        match started.siblings.next().await.map(|(_, event)| event) {
+            Some(Ok(TextEvent::Started | TextEvent::PromptLogprobs(_))) => continue,
             Some(Ok(event)) => break Some(event),
             Some(Err(error)) => return Err(error.into()),
             None => break None,
@@ -198,11 +269,11 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
             }
             let event = match state.first.take() {
                 Some(event) => Some(Ok(event)),
-                None => state.started.stream.next().await,
+                None => state.started.siblings.next().await.map(|(_, event)| event),
             };
             let data = match event {
                 None => return None,
-                Some(Ok(TextEvent::Started)) => continue,
+                Some(Ok(TextEvent::Started | TextEvent::PromptLogprobs(_))) => continue,
                 Some(Ok(TextEvent::Token(token))) => state.token_event(&token),
                 Some(Ok(TextEvent::Done { completion, .. })) => {
                     state.ended = true;
@@ -256,7 +327,7 @@ pub async fn info(State(app): State<AppState>) -> Result<Json<serde_json::Value>
         "model_device_type": null,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": app.config.max_concurrent_requests,
-        "max_best_of": 1,
+        "max_best_of": MAX_SIBLINGS,
         "max_stop_sequences": MAX_STOP_SEQUENCES,
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,

@@ -64,17 +64,40 @@ pub enum ChatTemplateError {
 ///
 /// `content` may be a string or a list of `{"type": "text", "text": ...}` parts; text parts are
 /// joined with newlines (as vLLM does). Other part types (images, audio) are refused because the
-/// engine serves text-only models.
+/// engine serves text-only models. It is null (`None`) in an assistant turn that only called
+/// tools. `tool_calls` (assistant), `tool_call_id` and `name` (role `tool`) reach the template
+/// as the client sent them, except that each call's `arguments` JSON string becomes the object
+/// it encodes, which is what templates written for transformers expect (vLLM does the same).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(deserialize_with = "deserialize_content")]
-    pub content: String,
+    #[serde(default, deserialize_with = "deserialize_content")]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain message with text content.
+    pub fn text(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: Some(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 /// A compiled chat template with the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -113,6 +136,7 @@ impl ChatTemplate {
             .map_err(ChatTemplateError::Syntax)?;
         Ok(Self {
             env,
+            source: template_source.to_owned(),
             bos_token,
             eos_token,
         })
@@ -139,6 +163,11 @@ impl ChatTemplate {
         Self::new(&source, token("bos_token"), token("eos_token")).map(Some)
     }
 
+    /// The Jinja source (tool support is read from it).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }
@@ -154,13 +183,27 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the conversation with `tools` (OpenAI tool objects) as transformers'
+    /// `apply_chat_template(..., tools=...)` passes them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let messages: Vec<Value> = messages.iter().map(message_value).collect();
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
         ctx.insert("messages", Value::from(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         // transformers passes these as None when the caller gives none; templates test
         // `tools is not none`, which an undefined value would pass.
-        ctx.insert("tools", Value::from(()));
+        let tools = tools.map_or(Value::from(()), |tools| {
+            Value::from(minijinja::value::Serde(tools))
+        });
+        ctx.insert("tools", tools);
         ctx.insert("documents", Value::from(()));
         // A token the tokenizer lacks stays undefined (prints as ""), as in transformers.
         if let Some(bos) = &self.bos_token {
@@ -217,8 +260,38 @@ impl std::io::Write for CappedWriter {
 fn message_value(message: &ChatMessage) -> Value {
     let mut map: BTreeMap<&str, Value> = BTreeMap::new();
     map.insert("role", Value::from(message.role.as_str()));
-    map.insert("content", Value::from(message.content.as_str()));
+    map.insert(
+        "content",
+        message
+            .content
+            .as_deref()
+            .map_or(Value::from(()), Value::from),
+    );
+    if let Some(calls) = &message.tool_calls {
+        let calls: Vec<serde_json::Value> = calls.iter().map(decoded_arguments).collect();
+        map.insert("tool_calls", Value::from(minijinja::value::Serde(&calls)));
+    }
+    if let Some(id) = &message.tool_call_id {
+        map.insert("tool_call_id", Value::from(id.as_str()));
+    }
+    if let Some(name) = &message.name {
+        map.insert("name", Value::from(name.as_str()));
+    }
     Value::from(map)
+}
+
+/// A tool call whose `function.arguments` JSON string is replaced by the object it encodes.
+fn decoded_arguments(call: &serde_json::Value) -> serde_json::Value {
+    let mut call = call.clone();
+    if let Some(arguments) = call.pointer_mut("/function/arguments") {
+        if let Some(decoded) = arguments
+            .as_str()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        {
+            *arguments = decoded;
+        }
+    }
+    call
 }
 
 fn read_text_if_present(path: &Path) -> Result<Option<String>, ChatTemplateError> {
@@ -276,7 +349,9 @@ fn special_token(config: &serde_json::Value, name: &str) -> Option<String> {
     }
 }
 
-fn deserialize_content<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+fn deserialize_content<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
     deserializer.deserialize_any(ContentVisitor)
 }
 
@@ -290,21 +365,29 @@ struct ContentPart {
 struct ContentVisitor;
 
 impl<'de> Visitor<'de> for ContentVisitor {
-    type Value = String;
+    type Value = Option<String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string or a list of {\"type\": \"text\", \"text\": ...} parts")
+        f.write_str("a string, null, or a list of {\"type\": \"text\", \"text\": ...} parts")
     }
 
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<String, E> {
-        Ok(text.to_owned())
+    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_string<E: de::Error>(self, text: String) -> Result<String, E> {
-        Ok(text)
+    fn visit_none<E: de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut parts: A) -> Result<String, A::Error> {
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Option<String>, E> {
+        Ok(Some(text.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Option<String>, E> {
+        Ok(Some(text))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut parts: A) -> Result<Option<String>, A::Error> {
         let mut texts: Vec<String> = Vec::new();
         while let Some(part) = parts.next_element::<ContentPart>()? {
             if part.kind != "text" {
@@ -318,7 +401,7 @@ impl<'de> Visitor<'de> for ContentVisitor {
             })?;
             texts.push(text);
         }
-        Ok(texts.join("\n"))
+        Ok(Some(texts.join("\n")))
     }
 }
 
@@ -331,10 +414,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.to_owned(),
-            content: content.to_owned(),
-        }
+        ChatMessage::text(role, content)
     }
 
     fn render(source: &str, messages: &[ChatMessage]) -> Result<String, ChatTemplateError> {
@@ -415,7 +495,7 @@ mod tests {
             r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
         )
         .unwrap();
-        assert_eq!(parts.content, "a\nb");
+        assert_eq!(parts.content.as_deref(), Some("a\nb"));
         let err = serde_json::from_str::<ChatMessage>(
             r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#,
         )
@@ -426,7 +506,10 @@ mod tests {
         );
         let err =
             serde_json::from_str::<ChatMessage>(r#"{"role":"user","content":7}"#).unwrap_err();
-        assert!(err.to_string().contains("a string or a list"), "{err}");
+        assert!(
+            err.to_string().contains("a string, null, or a list"),
+            "{err}"
+        );
     }
 
     fn temp_dir(name: &str) -> PathBuf {
@@ -503,6 +586,8 @@ mod transformers_fixtures {
         name: String,
         messages: Vec<ChatMessage>,
         add_generation_prompt: bool,
+        #[serde(default)]
+        tools: Option<Vec<serde_json::Value>>,
         expected: Option<String>,
         error: Option<String>,
     }
@@ -540,7 +625,11 @@ mod transformers_fixtures {
             let template = templates
                 .entry(case.template.clone())
                 .or_insert_with(|| load_template(&case.template));
-            let rendered = template.render(&case.messages, case.add_generation_prompt);
+            let rendered = template.render_with_tools(
+                &case.messages,
+                case.tools.as_deref(),
+                case.add_generation_prompt,
+            );
             let label = format!("{}/{}", case.template, case.name);
             match (&case.expected, &case.error, rendered) {
                 (Some(want), _, Ok(got)) if *want == got => {}
@@ -558,10 +647,7 @@ mod transformers_fixtures {
     #[test]
     fn the_fuel_budget_fits_the_largest_conversations() {
         let body = 2 * 1024 * 1024;
-        let message = |role: &str, content: &str| ChatMessage {
-            role: role.to_owned(),
-            content: content.to_owned(),
-        };
+        let message = |role: &str, content: &str| ChatMessage::text(role, content);
         // `{"role":"user","content":"x"},` is 30 bytes; an odd count ends with the user.
         let count = (body / 30) | 1;
         let roles = ["user", "assistant"];

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{GatewayMessage, OutputItem, ReadyInfo, WorkerMessage};
 
 pub enum Command {
-    Submit(Pending),
+    Submit(Box<Pending>),
     Cancel(u64),
 }
 
@@ -119,7 +119,7 @@ impl Actor {
                     )));
                     self.unqueued(1);
                 }
-                None => self.queue.push_back(pending),
+                None => self.queue.push_back(*pending),
             },
             Command::Cancel(ticket) => self.cancel(ticket),
         }
@@ -156,6 +156,11 @@ impl Actor {
                     running
                         .pending
                         .send(EngineEvent::Failed(EngineError::Worker(message)));
+                }
+            }
+            WorkerEvent::Message(WorkerMessage::PromptLogprobs { id, items }) => {
+                if let Some(running) = self.running.get(&id) {
+                    running.pending.send(EngineEvent::PromptLogprobs(items));
                 }
             }
             WorkerEvent::Message(WorkerMessage::Stats(stats)) => {
@@ -280,10 +285,17 @@ impl Actor {
                 continue;
             }
             let id = self.next_wire_id;
+            // A sibling that is not running in this worker (finished, failed, or lost with the
+            // last worker) shares nothing: the fork runs as an ordinary request.
+            let fork_of = pending
+                .request
+                .fork_of
+                .and_then(|ticket| self.wire_of.get(&ticket).copied());
             let submit = GatewayMessage::Submit {
                 id,
                 prompt: pending.request.prompt.clone(),
                 params: pending.request.params.clone(),
+                fork_of,
             };
             if worker.frames.send(submit).is_err() {
                 // The connection is closing; the supervisor's `Lost` follows.

@@ -4,8 +4,12 @@
 //!
 //! * [`Engine::submit`] takes a [`TokenRequest`] (prompt token ids and validated sampling
 //!   [`Params`]) and returns a [`TokenStream`] of [`EngineEvent`]s: `Started` when the request is
-//!   handed to the worker, one `Token` per generated token (the last one carries its finish
-//!   reason), `Finished` for a finish without a token (cancel), or `Failed`.
+//!   handed to the worker, `PromptLogprobs` when the request asked for them, one `Token` per
+//!   generated token (the last one carries its finish reason), `Finished` for a finish without
+//!   a token (cancel), or `Failed`.
+//! * Siblings (`n`, `best_of`): a request whose [`TokenRequest::fork_of`] names an earlier
+//!   one's ticket is submitted with `fork_of` set to that one's wire id while it runs in the
+//!   same worker, so the worker shares its prompt's KV blocks.
 //! * Admission is synchronous: a full queue, a failed start-up or a shutdown is refused at once
 //!   with an [`EngineError`], so routes can answer with a real status code. [`Engine::reserve`]
 //!   takes the queue place first (before the prompt is tokenized); [`Engine::submit_in`] fills it.
@@ -41,8 +45,8 @@ pub use log_tail::LogTail;
 pub use supervisor::{Supervisor, WorkerSpec};
 
 use crate::metrics::Metrics;
-pub use crate::protocol::Params;
 use crate::protocol::{GatewayMessage, ReadyInfo, WireFinish, WorkerMessage};
+pub use crate::protocol::{Params, PromptLogprob};
 use crate::readiness::{Phase, Readiness};
 
 /// Workers a request may run in: one crash is retried, a second fails the request.
@@ -55,6 +59,9 @@ pub struct TokenRequest {
     pub params: Params,
     /// Attempts already spent on this request by earlier submits (a route's or a job's retry).
     pub previous_attempts: u32,
+    /// The [`TokenStream::ticket`] of an earlier request with the same prompt (a sibling for
+    /// `n`): the worker lets this one wait for that one's prefill and share its KV blocks.
+    pub fork_of: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,6 +94,8 @@ pub struct SampledToken {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     Started,
+    /// The prompt's logprobs (asked for with `prompt_logprobs`), before the first token.
+    PromptLogprobs(Vec<PromptLogprob>),
     Token(SampledToken),
     Finished(FinishReason),
     Failed(EngineError),
@@ -223,7 +232,7 @@ impl Engine {
         let pending = actor::Pending::new(ticket, request, events);
         if shared
             .commands
-            .send(actor::Command::Submit(pending))
+            .send(actor::Command::Submit(Box::new(pending)))
             .is_err()
         {
             return Err(EngineError::ShuttingDown);
@@ -309,6 +318,11 @@ impl TokenStream {
                 })
         );
         Some(event)
+    }
+
+    /// The request's stable identity, for a sibling's [`TokenRequest::fork_of`].
+    pub fn ticket(&self) -> u64 {
+        self.ticket
     }
 
     /// Workers this request ran in so far, for a retry's [`TokenRequest::previous_attempts`].

@@ -30,6 +30,7 @@ fn request(prompt: &[u32]) -> TokenRequest {
         prompt: prompt.to_vec(),
         params: Params::default(),
         previous_attempts: 0,
+        fork_of: None,
     }
 }
 
@@ -371,4 +372,56 @@ async fn a_reserved_slot_counts_until_dropped_or_used() {
     let slot = h.engine.reserve().unwrap();
     let _stream = h.engine.submit_in(slot, request(&[1])).unwrap();
     assert_eq!(h.engine.reserve().err(), Some(EngineError::QueueFull(1)));
+}
+
+#[tokio::test]
+async fn forks_name_their_running_sibling_and_prompt_logprobs_are_routed() {
+    let h = harness(8, Duration::from_secs(60));
+    let (event, mut outbox) = ready(8);
+    h.worker.send(event).unwrap();
+    let mut parent = h.engine.submit(request(&[3, 4])).unwrap();
+    let parent_id = submitted_id(next_frame(&mut outbox).await);
+    let fork = TokenRequest {
+        fork_of: Some(parent.ticket()),
+        ..request(&[3, 4])
+    };
+    let _fork = h.engine.submit(fork).unwrap();
+    match next_frame(&mut outbox).await {
+        GatewayMessage::Submit { fork_of, .. } => assert_eq!(fork_of, Some(parent_id)),
+        other => panic!("expected submit, got {other:?}"),
+    }
+    let scored = vec![(-1.5, Some(vec![(4, -1.5)]))];
+    h.worker
+        .send(WorkerEvent::Message(WorkerMessage::PromptLogprobs {
+            id: parent_id,
+            items: scored.clone(),
+        }))
+        .unwrap();
+    assert_eq!(next_event(&mut parent).await, EngineEvent::Started);
+    assert_eq!(
+        next_event(&mut parent).await,
+        EngineEvent::PromptLogprobs(scored)
+    );
+    // A sibling that finished shares nothing: the fork goes as an ordinary request.
+    h.worker
+        .send(outputs(vec![item(
+            parent_id,
+            Some(1),
+            Some(WireFinish::Length),
+        )]))
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut parent).await,
+        EngineEvent::Token(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let late = TokenRequest {
+        fork_of: Some(parent.ticket()),
+        ..request(&[3, 4])
+    };
+    let _late = h.engine.submit(late).unwrap();
+    match next_frame(&mut outbox).await {
+        GatewayMessage::Submit { fork_of, .. } => assert_eq!(fork_of, None),
+        other => panic!("expected submit, got {other:?}"),
+    }
 }

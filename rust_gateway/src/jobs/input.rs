@@ -133,7 +133,7 @@ impl JobInput {
         };
         let spec = match &self.sampling_params {
             None => SamplingSpec::default(),
-            Some(p) => p.sampling.spec(p.sampling.max_tokens, p.logprobs),
+            Some(p) => p.sampling.spec(p.sampling.max_tokens, p.logprobs)?,
         };
         Ok((prompt, spec))
     }
@@ -193,7 +193,7 @@ mod tests {
         );
         assert_eq!(
             status(serde_json::json!({"openai_route": "/v1/chat/completions",
-                "openai_input": {"messages": [{"role": "user", "content": "x"}], "n": 2}})),
+                "openai_input": {"messages": [{"role": "user", "content": "x"}], "n": 17}})),
             Some(422)
         );
     }

@@ -30,26 +30,26 @@ pub enum JobOutput {
 }
 
 impl JobOutput {
-    pub fn new(format: JobFormat, model: &SharedModel, prompt_tokens: usize) -> Self {
+    pub fn new(format: JobFormat, model: &SharedModel, prompt_ids: &[u32]) -> Self {
         match format {
             JobFormat::Text => Self::Text {
                 text: String::new(),
-                prompt_tokens,
+                prompt_tokens: prompt_ids.len(),
                 finish: None,
             },
             JobFormat::OpenAi(options) => Self::OpenAi {
-                builder: Box::new(ResponseBuilder::new(
-                    options,
-                    &model.model_id,
-                    prompt_tokens,
-                )),
+                builder: Box::new(
+                    ResponseBuilder::new(options, &model.model_id, prompt_ids)
+                        .with_tool_format(model.tools.format),
+                ),
                 chunks: Vec::new(),
             },
         }
     }
 
-    /// Takes a token or the end in; returns the chunks it adds to the job's stream.
-    pub fn push(&mut self, event: TextEvent, model: &SharedModel) -> Vec<Value> {
+    /// Takes a token or the end of choice `index` in; returns the chunks it adds to the job's
+    /// stream. Text jobs have one choice.
+    pub fn push(&mut self, index: usize, event: TextEvent, model: &SharedModel) -> Vec<Value> {
         match self {
             Self::Text {
                 text,
@@ -57,7 +57,7 @@ impl JobOutput {
                 finish,
             } => {
                 let (delta, completion) = match event {
-                    TextEvent::Started => return Vec::new(),
+                    TextEvent::Started | TextEvent::PromptLogprobs(_) => return Vec::new(),
                     TextEvent::Token(token) => (token.text, token.finish),
                     TextEvent::Done { completion, text } => (text, Some(completion)),
                 };
@@ -80,7 +80,7 @@ impl JobOutput {
                 }
             }
             Self::OpenAi { builder, chunks } => {
-                let Some(step) = builder.push(event, &model.tokenizer) else {
+                let Some(step) = builder.push(index, event, &model.tokenizer) else {
                     return Vec::new();
                 };
                 let options = builder.options();
@@ -137,6 +137,7 @@ mod tests {
             model_id: "m".into(),
             eos_token_ids: vec![1],
             chat_template: None,
+            tools: crate::tools::ToolSupport::new(None, None),
             limits: Limits {
                 max_input_tokens: 10,
                 max_total_tokens: 20,
@@ -161,7 +162,7 @@ mod tests {
 
     fn run(format: JobFormat) -> (Vec<Value>, Option<Value>) {
         let model = model();
-        let mut output = JobOutput::new(format, &model, 3);
+        let mut output = JobOutput::new(format, &model, &[0, 1, 0]);
         let mut chunks = Vec::new();
         for event in [
             TextEvent::Started,
@@ -169,7 +170,7 @@ mod tests {
             token("y", Some(FinishReason::Length)),
         ] {
             assert!(!output.is_finished());
-            chunks.extend(output.push(event, &model));
+            chunks.extend(output.push(0, event, &model));
         }
         assert!(output.is_finished());
         (chunks, output.finish())

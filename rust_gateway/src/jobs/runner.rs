@@ -13,7 +13,7 @@ use super::output::{JobFormat, JobOutput};
 use super::store::{JobStatus, JobStore};
 use super::webhook::Webhooks;
 use crate::engine::EngineError;
-use crate::generation::{Generator, TextEvent, TextStream};
+use crate::generation::{Generator, Siblings, TextEvent};
 use crate::metrics::Metrics;
 use crate::served_model::SharedModel;
 use crate::validation::ValidRequest;
@@ -31,6 +31,8 @@ pub struct JobSpec {
     pub model: SharedModel,
     pub request: ValidRequest,
     pub format: JobFormat,
+    /// Siblings generated (an OpenAI job's `n` or `best_of`).
+    pub candidates: usize,
     pub execution_timeout: Option<Duration>,
     pub ttl: Option<Duration>,
     pub webhook: Option<reqwest::Url>,
@@ -49,7 +51,7 @@ enum Attempt {
 /// While the queue is full, a retry waits this long before it asks again.
 const RETRY_ADMISSION_EVERY: Duration = Duration::from_millis(200);
 
-pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, cancel: Arc<Notify>) {
+pub async fn run_job(context: JobContext, spec: JobSpec, first: Siblings, cancel: Arc<Notify>) {
     let created = Instant::now();
     let mut deadlines = Deadlines {
         ttl: spec.ttl.map(|ttl| created + ttl),
@@ -61,10 +63,12 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
         let mut current = match stream.take() {
             Some(current) => current,
             None => {
-                match context
-                    .generator
-                    .retry(spec.model.clone(), spec.request.clone(), attempts)
-                {
+                match context.generator.retry_siblings(
+                    spec.model.clone(),
+                    &spec.request,
+                    spec.candidates,
+                    attempts,
+                ) {
                     Ok(current) => current,
                     Err(EngineError::QueueFull(_)) => {
                         tokio::select! {
@@ -113,23 +117,25 @@ pub async fn run_job(context: JobContext, spec: JobSpec, first: TextStream, canc
 async fn attempt(
     context: &JobContext,
     spec: &JobSpec,
-    stream: &mut TextStream,
+    stream: &mut Siblings,
     cancel: &Notify,
     deadlines: &mut Deadlines,
 ) -> Attempt {
-    let prompt_tokens = spec.request.prompt_ids.len();
-    let mut output = JobOutput::new(spec.format, &spec.model, prompt_tokens);
+    let mut output = JobOutput::new(spec.format, &spec.model, &spec.request.prompt_ids);
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
             _ = cancel.notified() => return Attempt::Cancelled,
             _ = deadlines.next() => return Attempt::TimedOut,
         };
-        let event = match event {
+        // A sibling's lost worker retries them all: the job's output restarts from scratch.
+        let (index, event) = match event {
             None => return Attempt::Failed("generation ended without finishing".into()),
-            Some(Err(EngineError::WorkerLost)) => return Attempt::Retry(stream.attempts()),
-            Some(Err(error)) => return Attempt::Failed(error.to_string()),
-            Some(Ok(event)) => event,
+            Some((_, Err(EngineError::WorkerLost))) => {
+                return Attempt::Retry(stream.max_attempts())
+            }
+            Some((_, Err(error))) => return Attempt::Failed(error.to_string()),
+            Some((index, Ok(event))) => (index, event),
         };
         if event == TextEvent::Started {
             context.store.set_started(&spec.id);
@@ -137,7 +143,7 @@ async fn attempt(
                 deadlines.execution = Some(Instant::now() + limit);
             }
         }
-        for chunk in output.push(event, &spec.model) {
+        for chunk in output.push(index, event, &spec.model) {
             context.store.push_chunk(&spec.id, chunk);
         }
         if output.is_finished() {

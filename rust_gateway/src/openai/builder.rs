@@ -1,6 +1,10 @@
 //! Builds OpenAI response objects from a generation's [`TextEvent`]s: stream chunks as the
 //! tokens arrive, and the whole response (or the usage chunk) at the end.
+//!
+//! A request with `n` (or `best_of`) runs as siblings, one per choice; their events come in
+//! tagged with the choice's index, interleaved, and every chunk names its choice's `index`.
 
+use std::cmp::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -11,39 +15,62 @@ use super::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChatTokenLogprob,
     ChunkChoice, Delta, Header, TextChoice, TextCompletion, TextLogprobs, TopLogprob, Usage,
 };
-use crate::engine::FinishReason;
+use super::tool_calls::{call_deltas, call_objects, content_beside, finish_with_calls};
+use crate::engine::{FinishReason, PromptLogprob};
 use crate::error::ApiError;
 use crate::generation::{Completion, TextEvent};
-use crate::text::TextTokenizer;
+use crate::text::{IncrementalDecoder, TextTokenizer};
+use crate::tools::{ToolCall, ToolCallParser, ToolFormat};
 
-/// One generated token as the logprobs listings show it.
+/// One token as the logprobs listings show it.
 #[derive(Debug, Clone, PartialEq)]
 struct TokenRecord {
     token: String,
-    logprob: f64,
-    top: Vec<(String, f64)>,
-    /// Characters of output text before this token (completions' `text_offset`).
+    /// `None` for the prompt's first token, which nothing predicts.
+    logprob: Option<f64>,
+    top: Option<Vec<(String, f64)>>,
+    /// Characters of the choice's text before this token (completions' `text_offset`).
     offset: usize,
 }
 
-/// What one event added: the text, the tokens (for logprobs) and the finish, if it finished.
+/// What one event added to one choice: the text, the tokens (for logprobs) and the finish.
 #[derive(Debug, Default, PartialEq)]
 pub struct Step {
+    index: usize,
     text: String,
     records: Vec<TokenRecord>,
     finish: Option<&'static str>,
+    /// Tool calls completed by this event, and how many the choice had before.
+    tool_calls: Vec<ToolCall>,
+    calls_before: usize,
+}
+
+/// One choice as it is generated.
+#[derive(Debug, Default)]
+struct Choice {
+    text: String,
+    chars: usize,
+    records: Vec<TokenRecord>,
+    completion: Option<Completion>,
+    /// Chat streams announce the assistant's role in each choice's first chunk.
+    role_sent: bool,
+    /// Completions `echo`: the prompt was put in front of the text.
+    echoed: bool,
+    prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// Sum of the generated tokens' logprobs: what `best_of` ranks by.
+    cumulative_logprob: f64,
+    /// Chat with tools: splits the output into text and calls.
+    tool_parser: Option<ToolCallParser>,
+    tool_calls: Vec<ToolCall>,
 }
 
 pub struct ResponseBuilder {
     options: OutputOptions,
     header: Header,
-    prompt_tokens: usize,
-    text: String,
-    chars: usize,
-    records: Vec<TokenRecord>,
-    completion: Option<Completion>,
-    /// Chat streams announce the assistant's role in their first chunk.
-    role_sent: bool,
+    prompt_ids: Vec<u32>,
+    choices: Vec<Choice>,
+    /// The served model's tool-call format, when the request offers tools.
+    tool_format: Option<ToolFormat>,
 }
 
 /// OpenAI has no reason for "stopped on EOS" apart from a stop string: both are `stop`.
@@ -66,7 +93,8 @@ fn to_value(object: impl Serialize) -> Value {
 }
 
 impl ResponseBuilder {
-    pub fn new(options: OutputOptions, model: &str, prompt_tokens: usize) -> Self {
+    /// A builder for `options.candidates()` choices of a generation from `prompt_ids`.
+    pub fn new(options: OutputOptions, model: &str, prompt_ids: &[u32]) -> Self {
         let (prefix, object) = match (options.surface, options.stream) {
             (Surface::Chat, false) => ("chatcmpl", "chat.completion"),
             (Surface::Chat, true) => ("chatcmpl", "chat.completion.chunk"),
@@ -81,83 +109,192 @@ impl ResponseBuilder {
                 model: model.to_string(),
                 system_fingerprint: None,
             },
-            prompt_tokens,
-            text: String::new(),
-            chars: 0,
-            records: Vec::new(),
-            completion: None,
-            role_sent: false,
+            prompt_ids: prompt_ids.to_vec(),
+            choices: (0..options.candidates())
+                .map(|_| Choice::default())
+                .collect(),
+            tool_format: None,
         }
+    }
+
+    /// Parses each chat choice for tool calls in `format` when the request offers tools.
+    pub fn with_tool_format(mut self, format: ToolFormat) -> Self {
+        if self.options.tool_calls && self.options.surface == Surface::Chat {
+            self.tool_format = Some(format);
+            for index in 0..self.choices.len() {
+                self.reset(index);
+            }
+        }
+        self
     }
 
     pub fn options(&self) -> OutputOptions {
         self.options
     }
 
+    /// Every choice finished.
     pub fn is_finished(&self) -> bool {
-        self.completion.is_some()
+        self.choices.iter().all(|c| c.completion.is_some())
     }
 
-    pub fn usage(&self) -> Usage {
-        let generated = self.completion.as_ref().map_or(0, |c| c.generated_tokens);
-        Usage::new(self.prompt_tokens, generated)
-    }
-
-    /// Takes one event in; returns what it added (nothing for `Started`).
-    pub fn push(&mut self, event: TextEvent, tokenizer: &TextTokenizer) -> Option<Step> {
-        let (text, record, completion) = match event {
-            TextEvent::Started => return None,
-            TextEvent::Token(token) => {
-                let record = self.options.logprobs.map(|_| TokenRecord {
-                    token: tokenizer.token_text(token.id),
-                    logprob: token.logprob.unwrap_or(f64::NAN),
-                    top: token
-                        .top
-                        .iter()
-                        .map(|&(id, logprob)| (tokenizer.token_text(id), logprob))
-                        .collect(),
-                    offset: self.chars,
-                });
-                (token.text, record, token.finish)
-            }
-            TextEvent::Done { completion, text } => (text, None, Some(completion)),
-        };
-        self.chars += text.chars().count();
-        self.text.push_str(&text);
-        self.records.extend(record.clone());
-        let finish = completion.as_ref().map(|c| finish_reason(c.reason));
-        if completion.is_some() {
-            self.completion = completion;
+    /// Forgets what choice `index` produced, for a retry of its generation.
+    pub fn reset(&mut self, index: usize) {
+        if let Some(choice) = self.choices.get_mut(index) {
+            *choice = Choice {
+                tool_parser: self.tool_format.map(ToolCallParser::new),
+                ..Choice::default()
+            };
         }
-        Some(Step {
-            text,
-            records: record.into_iter().collect(),
-            finish,
-        })
+    }
+
+    /// The prompt once; the tokens of every choice (every `best_of` candidate).
+    pub fn usage(&self) -> Usage {
+        let generated = self
+            .choices
+            .iter()
+            .filter_map(|c| c.completion.as_ref())
+            .map(|c| c.generated_tokens)
+            .sum();
+        Usage::new(self.prompt_ids.len(), generated)
+    }
+
+    /// Takes one event of choice `index` in; returns what it added (nothing for `Started`).
+    pub fn push(
+        &mut self,
+        index: usize,
+        event: TextEvent,
+        tokenizer: &TextTokenizer,
+    ) -> Option<Step> {
+        let wants_records = self.options.logprobs.is_some();
+        let echo = self.options.echo;
+        let prompt_ids = &self.prompt_ids;
+        let choice = self.choices.get_mut(index)?;
+        let mut step = Step {
+            index,
+            ..Step::default()
+        };
+        if echo
+            && !choice.echoed
+            && !matches!(event, TextEvent::Started | TextEvent::PromptLogprobs(_))
+        {
+            choice.echoed = true;
+            let (text, offsets) = echo_text(tokenizer, prompt_ids);
+            step.text = text;
+            if wants_records {
+                let logprobs = choice.prompt_logprobs.as_deref();
+                step.records = prompt_records(tokenizer, prompt_ids, &offsets, logprobs);
+            }
+        }
+        let mut special = None;
+        let (text, completion) = match event {
+            TextEvent::Started => return None,
+            TextEvent::PromptLogprobs(items) => {
+                choice.prompt_logprobs = Some(items);
+                return None;
+            }
+            TextEvent::Token(token) => {
+                choice.cumulative_logprob += token.logprob.unwrap_or(0.0);
+                if wants_records {
+                    let offset = choice.chars + step.text.chars().count();
+                    step.records.push(TokenRecord {
+                        token: tokenizer.token_text(token.id),
+                        logprob: token.logprob,
+                        top: Some(
+                            token
+                                .top
+                                .iter()
+                                .map(|&(id, logprob)| (tokenizer.token_text(id), logprob))
+                                .collect(),
+                        ),
+                        offset,
+                    });
+                }
+                if token.special {
+                    special = Some(tokenizer.token_text(token.id));
+                }
+                (token.text, token.finish)
+            }
+            TextEvent::Done { completion, text } => (text, Some(completion)),
+        };
+        let text = match choice.tool_parser.as_mut() {
+            Some(parser) => {
+                let (content, calls) = parser.step(special.as_deref(), &text, completion.is_some());
+                step.calls_before = choice.tool_calls.len();
+                choice.tool_calls.extend(calls.iter().cloned());
+                step.tool_calls = calls;
+                content
+            }
+            None => text,
+        };
+        step.text.push_str(&text);
+        choice.chars += step.text.chars().count();
+        choice.text.push_str(&step.text);
+        choice.records.extend(step.records.iter().cloned());
+        let called = !choice.tool_calls.is_empty();
+        step.finish = completion
+            .as_ref()
+            .map(|c| finish_with_calls(c.reason, called).unwrap_or(finish_reason(c.reason)));
+        if completion.is_some() {
+            choice.completion = completion;
+        }
+        Some(step)
     }
 
     /// The stream chunks for one step: none when it added nothing a client would see.
     pub fn chunks(&mut self, step: Step) -> Vec<Value> {
-        if step.text.is_empty() && step.records.is_empty() && step.finish.is_none() {
+        if step.text.is_empty()
+            && step.records.is_empty()
+            && step.finish.is_none()
+            && step.tool_calls.is_empty()
+        {
             return Vec::new();
         }
+        let index = step.index as u32;
         match self.options.surface {
             Surface::Chat => {
                 let mut chunks = Vec::with_capacity(2);
-                if !self.role_sent {
-                    self.role_sent = true;
+                let Some(choice) = self.choices.get_mut(step.index) else {
+                    return chunks;
+                };
+                let called = !choice.tool_calls.is_empty();
+                if !choice.role_sent {
+                    choice.role_sent = true;
                     let role = Delta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        ..Delta::default()
                     };
-                    chunks.push(self.chat_chunk(role, None, None));
+                    chunks.push(self.chat_chunk(index, role, None, None));
                 }
                 let logprobs = self.options.logprobs.map(|_| chat_logprobs(&step.records));
-                let delta = Delta {
-                    role: None,
-                    content: Some(step.text),
-                };
-                chunks.push(self.chat_chunk(delta, logprobs, step.finish));
+                let calls = call_deltas(step.calls_before, &step.tool_calls);
+                if calls.is_empty() {
+                    // After a call, an empty delta (the finish) carries no content at all.
+                    let delta = Delta {
+                        content: (!called || !step.text.is_empty()).then_some(step.text),
+                        ..Delta::default()
+                    };
+                    chunks.push(self.chat_chunk(index, delta, logprobs, step.finish));
+                    return chunks;
+                }
+                // Text before the calls, then one chunk per call delta; the finish goes last.
+                let mut logprobs = logprobs;
+                if !step.text.is_empty() {
+                    let delta = Delta {
+                        content: Some(step.text),
+                        ..Delta::default()
+                    };
+                    chunks.push(self.chat_chunk(index, delta, logprobs.take(), None));
+                }
+                let last = calls.len() - 1;
+                for (i, call) in calls.into_iter().enumerate() {
+                    let delta = Delta {
+                        tool_calls: Some(vec![call]),
+                        ..Delta::default()
+                    };
+                    let finish = if i == last { step.finish } else { None };
+                    chunks.push(self.chat_chunk(index, delta, logprobs.take(), finish));
+                }
                 chunks
             }
             Surface::Completions => {
@@ -165,7 +302,7 @@ impl ResponseBuilder {
                 vec![to_value(TextCompletion {
                     header: self.header.clone(),
                     choices: vec![TextChoice {
-                        index: 0,
+                        index,
                         text: step.text,
                         logprobs,
                         finish_reason: step.finish,
@@ -178,6 +315,7 @@ impl ResponseBuilder {
 
     fn chat_chunk(
         &self,
+        index: u32,
         delta: Delta,
         logprobs: Option<ChatLogprobs>,
         finish: Option<&'static str>,
@@ -185,7 +323,7 @@ impl ResponseBuilder {
         to_value(ChatChunk {
             header: self.header.clone(),
             choices: vec![ChunkChoice {
-                index: 0,
+                index,
                 delta,
                 logprobs,
                 finish_reason: finish,
@@ -214,40 +352,132 @@ impl ResponseBuilder {
         })
     }
 
-    /// The non-streamed response object; an error when the generation never finished.
+    /// The choices to answer with: all of them, or with `best_of` the `n` whose tokens are
+    /// the most likely together, best first.
+    fn answered(&self) -> Vec<&Choice> {
+        let mut choices: Vec<&Choice> = self.choices.iter().collect();
+        let n = self.options.n as usize;
+        if n < choices.len() {
+            choices.sort_by(|a, b| {
+                b.cumulative_logprob
+                    .partial_cmp(&a.cumulative_logprob)
+                    .unwrap_or(Ordering::Equal)
+            });
+            choices.truncate(n);
+        }
+        choices
+    }
+
+    /// The non-streamed response object; an error when a choice never finished.
     pub fn response(&self) -> Result<Value, ApiError> {
-        let completion = self
-            .completion
-            .as_ref()
-            .ok_or_else(|| ApiError::Generation("generation ended without finishing".into()))?;
-        let finish = finish_reason(completion.reason);
+        let unfinished = || ApiError::Generation("generation ended without finishing".into());
+        if !self.is_finished() {
+            return Err(unfinished());
+        }
         let usage = self.usage();
+        let answered = self.answered();
         Ok(match self.options.surface {
-            Surface::Chat => to_value(ChatCompletion {
-                header: self.header.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: self.text.clone(),
-                    },
-                    logprobs: self.options.logprobs.map(|_| chat_logprobs(&self.records)),
-                    finish_reason: finish,
-                }],
-                usage,
-            }),
-            Surface::Completions => to_value(TextCompletion {
-                header: self.header.clone(),
-                choices: vec![TextChoice {
-                    index: 0,
-                    text: self.text.clone(),
-                    logprobs: self.options.logprobs.map(|_| text_logprobs(&self.records)),
-                    finish_reason: Some(finish),
-                }],
-                usage: Some(usage),
-            }),
+            Surface::Chat => {
+                let mut choices = Vec::with_capacity(answered.len());
+                for (index, choice) in answered.into_iter().enumerate() {
+                    let completion = choice.completion.as_ref().ok_or_else(unfinished)?;
+                    let called = !choice.tool_calls.is_empty();
+                    choices.push(ChatChoice {
+                        index: index as u32,
+                        message: assistant_message(&choice.text, &choice.tool_calls),
+                        logprobs: self
+                            .options
+                            .logprobs
+                            .map(|_| chat_logprobs(&choice.records)),
+                        finish_reason: finish_with_calls(completion.reason, called)
+                            .unwrap_or(finish_reason(completion.reason)),
+                    });
+                }
+                to_value(ChatCompletion {
+                    header: self.header.clone(),
+                    choices,
+                    usage,
+                })
+            }
+            Surface::Completions => {
+                let mut choices = Vec::with_capacity(answered.len());
+                for (index, choice) in answered.into_iter().enumerate() {
+                    let completion = choice.completion.as_ref().ok_or_else(unfinished)?;
+                    choices.push(TextChoice {
+                        index: index as u32,
+                        text: choice.text.clone(),
+                        logprobs: self
+                            .options
+                            .logprobs
+                            .map(|_| text_logprobs(&choice.records)),
+                        finish_reason: Some(finish_reason(completion.reason)),
+                    });
+                }
+                to_value(TextCompletion {
+                    header: self.header.clone(),
+                    choices,
+                    usage: Some(usage),
+                })
+            }
         })
     }
+}
+
+/// A finished chat choice's text as the assistant's message: the one place where the text
+/// becomes `content` (and, with tools, `tool_calls`).
+fn assistant_message(text: &str, calls: &[ToolCall]) -> AssistantMessage {
+    AssistantMessage {
+        role: "assistant",
+        content: content_beside(text, calls),
+        tool_calls: (!calls.is_empty()).then(|| call_objects(calls)),
+    }
+}
+
+/// The prompt as text, for `echo`, decoded as generated text is; and where in it each token
+/// starts (in characters).
+fn echo_text(tokenizer: &TextTokenizer, prompt_ids: &[u32]) -> (String, Vec<usize>) {
+    let mut decoder = IncrementalDecoder::default();
+    let mut text = String::new();
+    let mut chars = 0;
+    let mut offsets = Vec::with_capacity(prompt_ids.len());
+    for &id in prompt_ids {
+        offsets.push(chars);
+        let delta = decoder.push(tokenizer, id).unwrap_or_default();
+        chars += delta.chars().count();
+        text.push_str(&delta);
+    }
+    text.push_str(&decoder.flush(tokenizer).unwrap_or_default());
+    (text, offsets)
+}
+
+/// The prompt's tokens for `echo` with `logprobs`: the first has no logprob (as OpenAI's).
+fn prompt_records(
+    tokenizer: &TextTokenizer,
+    prompt_ids: &[u32],
+    offsets: &[usize],
+    logprobs: Option<&[PromptLogprob]>,
+) -> Vec<TokenRecord> {
+    prompt_ids
+        .iter()
+        .zip(offsets)
+        .enumerate()
+        .map(|(position, (&id, &offset))| {
+            let scored = position
+                .checked_sub(1)
+                .and_then(|before| logprobs?.get(before));
+            TokenRecord {
+                token: tokenizer.token_text(id),
+                logprob: scored.map(|&(logprob, _)| logprob),
+                top: scored.map(|(_, top)| {
+                    top.iter()
+                        .flatten()
+                        .map(|&(id, logprob)| (tokenizer.token_text(id), logprob))
+                        .collect()
+                }),
+                offset,
+            }
+        })
+        .collect()
 }
 
 fn chat_logprobs(records: &[TokenRecord]) -> ChatLogprobs {
@@ -261,9 +491,9 @@ fn chat_logprobs(records: &[TokenRecord]) -> ChatLogprobs {
             .iter()
             .map(|record| ChatTokenLogprob {
                 token: record.token.clone(),
-                logprob: record.logprob,
+                logprob: record.logprob.unwrap_or(f64::NAN),
                 bytes: record.token.as_bytes().to_vec(),
-                top_logprobs: record.top.iter().map(top).collect(),
+                top_logprobs: record.top.iter().flatten().map(top).collect(),
             })
             .collect(),
     }
@@ -274,147 +504,16 @@ fn text_logprobs(records: &[TokenRecord]) -> TextLogprobs {
         tokens: records.iter().map(|r| r.token.clone()).collect(),
         token_logprobs: records
             .iter()
-            .map(|r| Some(r.logprob).filter(|l| l.is_finite()))
+            .map(|r| r.logprob.filter(|l| l.is_finite()))
             .collect(),
         top_logprobs: records
             .iter()
-            .map(|r| r.top.iter().cloned().collect())
+            .map(|r| r.top.as_ref().map(|top| top.iter().cloned().collect()))
             .collect(),
         text_offset: records.iter().map(|r| r.offset).collect(),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::generation::GeneratedToken;
-
-    fn tokenizer() -> TextTokenizer {
-        TextTokenizer::word_level(&["a", "b", "c"])
-    }
-
-    fn token(id: u32, text: &str, finish: Option<(FinishReason, usize)>) -> TextEvent {
-        TextEvent::Token(GeneratedToken {
-            id,
-            text: text.to_string(),
-            logprob: Some(-0.25),
-            special: false,
-            top: vec![(2, -1.5)],
-            finish: finish.map(|(reason, generated_tokens)| Completion {
-                reason,
-                generated_tokens,
-            }),
-        })
-    }
-
-    fn options(surface: Surface, stream: bool, logprobs: Option<u32>) -> OutputOptions {
-        OutputOptions {
-            surface,
-            stream,
-            include_usage: stream,
-            logprobs,
-        }
-    }
-
-    fn run(builder: &mut ResponseBuilder, events: Vec<TextEvent>) -> Vec<Value> {
-        let tokenizer = tokenizer();
-        let mut chunks = Vec::new();
-        for event in events {
-            if let Some(step) = builder.push(event, &tokenizer) {
-                chunks.extend(builder.chunks(step));
-            }
-        }
-        chunks.extend(builder.usage_chunk());
-        chunks
-    }
-
-    #[test]
-    fn chat_response_with_usage_and_logprobs() {
-        let mut builder = ResponseBuilder::new(options(Surface::Chat, false, Some(1)), "m", 5);
-        run(
-            &mut builder,
-            vec![
-                TextEvent::Started,
-                token(0, "a", None),
-                token(1, "b", Some((FinishReason::EosToken, 2))),
-            ],
-        );
-        let response = builder.response().unwrap();
-        assert_eq!(response["object"], "chat.completion");
-        assert!(response["id"].as_str().unwrap().starts_with("chatcmpl-"));
-        assert_eq!(response["model"], "m");
-        let choice = &response["choices"][0];
-        assert_eq!(choice["message"]["content"], "ab");
-        assert_eq!(choice["message"]["role"], "assistant");
-        assert_eq!(choice["finish_reason"], "stop");
-        let first = &choice["logprobs"]["content"][0];
-        assert_eq!(first["token"], "a");
-        assert_eq!(first["logprob"], -0.25);
-        assert_eq!(first["bytes"], serde_json::json!([97]));
-        assert_eq!(first["top_logprobs"][0]["token"], "c");
-        assert_eq!(
-            response["usage"],
-            serde_json::json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
-        );
-    }
-
-    #[test]
-    fn chat_stream_announces_the_role_then_deltas_then_usage() {
-        let mut builder = ResponseBuilder::new(options(Surface::Chat, true, None), "m", 3);
-        let chunks = run(
-            &mut builder,
-            vec![
-                token(0, "a", None),
-                token(1, "", None),
-                token(2, "bc", Some((FinishReason::Length, 3))),
-            ],
-        );
-        assert_eq!(chunks.len(), 4, "{chunks:?}");
-        assert_eq!(chunks[0]["object"], "chat.completion.chunk");
-        assert_eq!(
-            chunks[0]["choices"][0]["delta"],
-            serde_json::json!({"role": "assistant", "content": ""})
-        );
-        assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "a");
-        assert!(chunks[1]["choices"][0]["finish_reason"].is_null());
-        assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "bc");
-        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "length");
-        assert_eq!(chunks[3]["choices"], serde_json::json!([]));
-        assert_eq!(chunks[3]["usage"]["completion_tokens"], 3);
-        assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
-    }
-
-    #[test]
-    fn completions_with_logprobs_and_a_cancelled_end() {
-        let mut builder =
-            ResponseBuilder::new(options(Surface::Completions, false, Some(1)), "m", 2);
-        let done = TextEvent::Done {
-            completion: Completion {
-                reason: FinishReason::StopSequence,
-                generated_tokens: 2,
-            },
-            text: "!".into(),
-        };
-        run(
-            &mut builder,
-            vec![token(0, "ab", None), token(1, "c", None), done],
-        );
-        let response = builder.response().unwrap();
-        assert_eq!(response["object"], "text_completion");
-        let choice = &response["choices"][0];
-        assert_eq!(choice["text"], "abc!");
-        assert_eq!(choice["finish_reason"], "stop");
-        let logprobs = &choice["logprobs"];
-        assert_eq!(logprobs["tokens"], serde_json::json!(["a", "b"]));
-        assert_eq!(logprobs["text_offset"], serde_json::json!([0, 2]));
-        assert_eq!(logprobs["top_logprobs"][0], serde_json::json!({"c": -1.5}));
-        assert_eq!(response["usage"]["total_tokens"], 4);
-    }
-
-    #[test]
-    fn unfinished_generation_is_an_error() {
-        let builder = ResponseBuilder::new(options(Surface::Completions, false, None), "m", 2);
-        assert!(matches!(builder.response(), Err(ApiError::Generation(_))));
-        assert_eq!(builder.usage_chunk(), None);
-    }
-}
+#[path = "builder_tests.rs"]
+mod tests;

@@ -5,6 +5,8 @@
 mod builder;
 mod request;
 mod response;
+mod structured;
+mod tool_calls;
 
 pub use builder::{unix_seconds, ResponseBuilder};
 pub use request::{ChatRequest, CompletionRequest, OpenAiRequest, OutputOptions, SamplingFields};

@@ -7,12 +7,16 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::structured::{constraint_error, StructuredFields};
 use crate::chat_template::ChatMessage;
 use crate::error::ApiError;
-use crate::validation::{top_logprobs, PromptInput, SamplingSpec, StopStrings};
+use crate::tools::ToolRequest;
+use crate::validation::{top_logprobs, PromptInput, SamplingSpec, StopStrings, MAX_SIBLINGS};
 
 /// OpenAI's default `max_tokens` for the legacy completions API (vLLM uses the same).
 pub const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
+/// Most choices (`n`) and candidates (`best_of`) per request.
+pub const MAX_CHOICES: i64 = MAX_SIBLINGS;
 
 /// Which of the two APIs a request (and its response objects) belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +26,8 @@ pub enum Surface {
 }
 
 /// Sampling fields under OpenAI's and vLLM's names (vLLM adds `top_k`, `min_p`,
-/// `repetition_penalty`, `ignore_eos`); RunPod's worker-vllm takes the same in a job's
-/// `sampling_params`.
+/// `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`); RunPod's worker-vllm
+/// takes the same in a job's `sampling_params`.
 #[derive(Debug, Default, Deserialize)]
 pub struct SamplingFields {
     pub max_tokens: Option<i64>,
@@ -37,11 +41,19 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// OpenAI's map from token id (a string) to a bias in [-100, 100].
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub min_tokens: Option<i64>,
+    pub stop_token_ids: Option<Vec<i64>>,
 }
 
 impl SamplingFields {
-    pub fn spec(&self, max_tokens: Option<i64>, logprobs: Option<i64>) -> SamplingSpec {
-        SamplingSpec {
+    pub fn spec(
+        &self,
+        max_tokens: Option<i64>,
+        logprobs: Option<i64>,
+    ) -> Result<SamplingSpec, ApiError> {
+        Ok(SamplingSpec {
             max_new_tokens: max_tokens,
             temperature: self.temperature,
             // vLLM spells "off" as -1.
@@ -59,8 +71,33 @@ impl SamplingFields {
                 .unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs,
-            truncate: None,
-        }
+            logit_bias: self.logit_bias()?,
+            min_tokens: self.min_tokens,
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ..SamplingSpec::default()
+        })
+    }
+
+    /// The bias map as pairs; bounds and the vocabulary are validation's to check.
+    fn logit_bias(&self) -> Result<Vec<(i64, f64)>, ApiError> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        map.iter()
+            .map(|(key, value)| {
+                let id = key.trim().parse::<i64>().map_err(|_| {
+                    ApiError::Validation(format!(
+                        "`logit_bias` keys must be token ids (got {key:?})"
+                    ))
+                })?;
+                let bias = value.as_f64().ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "`logit_bias` values must be numbers (got {value} for {key:?})"
+                    ))
+                })?;
+                Ok((id, bias))
+            })
+            .collect()
     }
 }
 
@@ -73,8 +110,9 @@ pub struct CommonFields {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-    pub min_tokens: Option<i64>,
+    /// `response_format` and vLLM's `guided_*` extras.
+    #[serde(flatten)]
+    pub structured: StructuredFields,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,9 +128,9 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Vec<Value>>,
     pub function_call: Option<Value>,
-    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub common: CommonFields,
 }
@@ -126,6 +164,22 @@ pub struct OutputOptions {
     pub include_usage: bool,
     /// `Some(n)`: report each token's logprob and its `n` most likely alternatives.
     pub logprobs: Option<u32>,
+    /// Choices answered.
+    pub n: u32,
+    /// Choices generated (`best_of`, at least `n`): the `n` most likely are answered.
+    pub best_of: u32,
+    /// Completions: the prompt comes first in each choice's text (and logprobs).
+    pub echo: bool,
+    /// Chat with tools offered (`tool_choice` other than "none"): the output is parsed for
+    /// tool calls.
+    pub tool_calls: bool,
+}
+
+impl OutputOptions {
+    /// Siblings to generate.
+    pub fn candidates(&self) -> usize {
+        self.best_of.max(self.n).max(1) as usize
+    }
 }
 
 /// A parsed and checked OpenAI request, ready for validation.
@@ -139,31 +193,30 @@ fn refuse<T>(message: impl Into<String>) -> Result<T, ApiError> {
     Err(ApiError::Validation(message.into()))
 }
 
+/// A choice count in 1..=[`MAX_CHOICES`].
+fn choices(field: &str, value: i64) -> Result<u32, ApiError> {
+    if (1..=MAX_CHOICES).contains(&value) {
+        return Ok(value as u32);
+    }
+    refuse(format!(
+        "`{field}` must be in 1..={MAX_CHOICES} (got {value})"
+    ))
+}
+
 impl CommonFields {
-    fn check_supported(&self) -> Result<(), ApiError> {
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return refuse(format!(
-                "`n` = {n} is not supported: the engine returns exactly one choice"
-            ));
-        }
-        if self
-            .logit_bias
-            .as_ref()
-            .is_some_and(|bias| !bias.is_empty())
-        {
-            return refuse("`logit_bias` is not supported");
-        }
-        if self.min_tokens.is_some_and(|n| n > 0) {
-            return refuse("`min_tokens` is not supported");
-        }
-        Ok(())
+    fn n(&self) -> Result<u32, ApiError> {
+        choices("n", self.n.unwrap_or(1))
     }
 
-    fn spec(&self, max_tokens: Option<i64>, logprobs: Option<u32>) -> SamplingSpec {
+    fn spec(
+        &self,
+        max_tokens: Option<i64>,
+        logprobs: Option<u32>,
+    ) -> Result<SamplingSpec, ApiError> {
         self.sampling.spec(max_tokens, logprobs.map(i64::from))
     }
 
-    fn options(&self, surface: Surface, logprobs: Option<u32>) -> OutputOptions {
+    fn options(&self, surface: Surface, logprobs: Option<u32>, n: u32) -> OutputOptions {
         let stream = self.stream.unwrap_or(false);
         OutputOptions {
             surface,
@@ -175,6 +228,10 @@ impl CommonFields {
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
             logprobs,
+            n,
+            best_of: n,
+            echo: false,
+            tool_calls: false,
         }
     }
 }
@@ -190,23 +247,27 @@ fn is_one_of(value: Option<&Value>, allowed: &[&str]) -> bool {
 
 impl ChatRequest {
     pub fn into_request(self) -> Result<OpenAiRequest, ApiError> {
-        self.common.check_supported()?;
-        let tools_given = self.tools.as_ref().is_some_and(|tools| !tools.is_empty());
-        // With tools, OpenAI's default choice is "auto": only an explicit "none" is honoured.
-        let choice = self.tool_choice.as_ref().and_then(Value::as_str);
-        if !is_one_of(self.tool_choice.as_ref(), &["none", "auto"])
-            || (tools_given && choice != Some("none"))
-        {
-            return refuse("tool calling is not supported (`tools` need `tool_choice: \"none\"`)");
-        }
+        let n = self.common.n()?;
+        let tools = ToolRequest::from_fields(
+            self.tools.as_deref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )
+        .map_err(constraint_error)?
+        .filter(ToolRequest::active);
         if self.functions.as_ref().is_some_and(|f| !f.is_empty())
             || !is_one_of(self.function_call.as_ref(), &["none", "auto"])
         {
             return refuse("function calling is not supported");
         }
-        let format = self.response_format.as_ref().filter(|f| !f.is_null());
-        if format.is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
-            return refuse("`response_format` other than {\"type\": \"text\"} is not supported");
+        let constraint = self.common.structured.constraint()?;
+        if let (Some(constraint), Some(tools)) = (&constraint, &tools) {
+            if tools.forces() {
+                return refuse(format!(
+                    "`tool_choice` \"required\" or a named function cannot be combined with `{}`",
+                    constraint.field
+                ));
+            }
         }
         if self.messages.is_empty() {
             return refuse("`messages` must not be empty");
@@ -221,26 +282,42 @@ impl ChatRequest {
         let max_tokens = self
             .max_completion_tokens
             .or(self.common.sampling.max_tokens);
+        let mut spec = self.common.spec(max_tokens, logprobs)?;
+        spec.constraint = constraint
+            .map(|c| c.grammar())
+            .transpose()
+            .map_err(constraint_error)?;
         Ok(OpenAiRequest {
-            spec: self.common.spec(max_tokens, logprobs),
-            options: self.common.options(Surface::Chat, logprobs),
-            prompt: PromptInput::Messages(self.messages),
+            spec,
+            options: OutputOptions {
+                tool_calls: tools.is_some(),
+                ..self.common.options(Surface::Chat, logprobs, n)
+            },
+            prompt: match tools {
+                Some(tools) => PromptInput::MessagesWithTools(self.messages, tools),
+                None => PromptInput::Messages(self.messages),
+            },
         })
     }
 }
 
 impl CompletionRequest {
     pub fn into_request(self) -> Result<OpenAiRequest, ApiError> {
-        self.common.check_supported()?;
-        if self.echo == Some(true) {
-            return refuse("`echo` is not supported");
-        }
+        let n = self.common.n()?;
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return refuse("`suffix` is not supported");
         }
-        if self.best_of.is_some_and(|n| n > 1) {
-            return refuse("`best_of` > 1 is not supported");
+        let best_of = match self.best_of {
+            None => n,
+            Some(best_of) => choices("best_of", best_of)?,
+        };
+        if best_of < n {
+            return refuse(format!("`best_of` ({best_of}) must be at least `n` ({n})"));
         }
+        if best_of > n && self.common.stream == Some(true) {
+            return refuse("`best_of` cannot be used with `stream`");
+        }
+        let echo = self.echo.unwrap_or(false);
         let logprobs = self
             .logprobs
             .map(|n| top_logprobs("logprobs", n))
@@ -250,9 +327,25 @@ impl CompletionRequest {
             .sampling
             .max_tokens
             .or(Some(COMPLETIONS_DEFAULT_MAX_TOKENS));
+        let mut spec = self.common.spec(max_tokens, logprobs)?;
+        spec.constraint = self
+            .common
+            .structured
+            .constraint()?
+            .map(|c| c.grammar())
+            .transpose()
+            .map_err(constraint_error)?;
+        // Echoed logprobs start with the prompt's own.
+        if echo {
+            spec.prompt_logprobs = logprobs.map(i64::from);
+        }
         Ok(OpenAiRequest {
-            spec: self.common.spec(max_tokens, logprobs),
-            options: self.common.options(Surface::Completions, logprobs),
+            spec,
+            options: OutputOptions {
+                best_of,
+                echo,
+                ..self.common.options(Surface::Completions, logprobs, n)
+            },
             prompt: self.prompt.into_prompt()?,
         })
     }
@@ -341,7 +434,11 @@ mod tests {
                 surface: Surface::Chat,
                 stream: true,
                 include_usage: true,
-                logprobs: Some(2)
+                logprobs: Some(2),
+                n: 1,
+                best_of: 1,
+                echo: false,
+                tool_calls: false,
             }
         );
         assert!(matches!(request.prompt, PromptInput::Messages(m) if m.len() == 1));
@@ -359,18 +456,35 @@ mod tests {
     #[test]
     fn unsupported_chat_parameters_are_refused() {
         let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        let bad_schema =
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]);
         for (extra, word) in [
-            (json!({"n": 2}), "`n`"),
-            (json!({"tools": tool}), "tool"),
-            (json!({"tools": tool, "tool_choice": "auto"}), "tool"),
-            (json!({"tool_choice": "required"}), "tool"),
+            (json!({"n": 17}), "`n`"),
+            (json!({"n": 0}), "`n`"),
+            (json!({"tool_choice": "required"}), "`tool_choice`"),
+            (
+                json!({"tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+                "`tool_choice`",
+            ),
+            (
+                json!({"tools": bad_schema}),
+                "`tools[0].function.parameters`",
+            ),
+            (
+                json!({"tools": tool, "tool_choice": "required", "guided_regex": "a"}),
+                "`guided_regex`",
+            ),
             (json!({"functions": [{"name": "f"}]}), "function"),
             (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#"}}}}}}),
+                "`response_format.json_schema.schema`",
             ),
-            (json!({"logit_bias": {"1": 5}}), "logit_bias"),
-            (json!({"min_tokens": 3}), "min_tokens"),
+            (
+                json!({"response_format": {"type": "json_object"}, "guided_json": {}}),
+                "only one",
+            ),
+            (json!({"logit_bias": {"x": 5}}), "logit_bias"),
+            (json!({"logit_bias": {"1": "high"}}), "logit_bias"),
             (json!({"top_logprobs": 2}), "logprobs"),
             (
                 json!({"logprobs": true, "top_logprobs": 21}),
@@ -388,6 +502,25 @@ mod tests {
             }
         }
         assert!(refused(chat(json!({"messages": []}))).contains("empty"));
+    }
+
+    #[test]
+    fn tools_and_constraints_reach_the_request() {
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        let auto = chat(json!({"messages": messages(), "tools": tool})).unwrap();
+        assert!(auto.options.tool_calls);
+        assert!(matches!(auto.prompt, PromptInput::MessagesWithTools(_, _)));
+        assert_eq!(auto.spec.constraint, None);
+        let none =
+            chat(json!({"messages": messages(), "tools": tool, "tool_choice": "none"})).unwrap();
+        assert!(!none.options.tool_calls);
+        assert!(matches!(none.prompt, PromptInput::Messages(_)));
+        let json =
+            chat(json!({"messages": messages(), "response_format": {"type": "json_object"}}))
+                .unwrap();
+        assert!(json.spec.constraint.unwrap().contains("json_schema"));
+        let regex = completion(json!({"prompt": "a", "guided_regex": "[0-9]+"})).unwrap();
+        assert!(regex.spec.constraint.unwrap().contains("lark_grammar"));
     }
 
     #[test]
@@ -422,11 +555,12 @@ mod tests {
         assert_eq!(request.options.logprobs, Some(3));
         assert_eq!(request.spec.temperature, None);
         for (extra, word) in [
-            (json!({"echo": true}), "echo"),
             (json!({"suffix": "z"}), "suffix"),
-            (json!({"best_of": 2}), "best_of"),
+            (json!({"best_of": 2, "n": 3}), "best_of"),
+            (json!({"best_of": 17}), "best_of"),
+            (json!({"best_of": 2, "stream": true}), "stream"),
             (json!({"logprobs": 50}), "logprobs"),
-            (json!({"n": 3}), "`n`"),
+            (json!({"n": 17}), "`n`"),
         ] {
             let mut body = json!({"prompt": "a"});
             body.as_object_mut()
@@ -444,5 +578,28 @@ mod tests {
             json!({"prompt": "a", "temperature": "hot"})
         )
         .is_err());
+    }
+
+    #[test]
+    fn choices_bias_and_echo_reach_the_request() {
+        let request = chat(json!({"messages": messages(), "n": 3, "seed": 5,
+            "logit_bias": {"7": -100, " 9": 2.5}, "min_tokens": 2, "stop_token_ids": [4]}))
+        .unwrap();
+        assert_eq!((request.options.n, request.options.candidates()), (3, 3));
+        let mut bias = request.spec.logit_bias.clone();
+        bias.sort_by_key(|&(id, _)| id);
+        assert_eq!(bias, vec![(7, -100.0), (9, 2.5)]);
+        assert_eq!(request.spec.min_tokens, Some(2));
+        assert_eq!(request.spec.stop_token_ids, vec![4]);
+        let best = completion(json!({"prompt": "a", "n": 2, "best_of": 4})).unwrap();
+        assert_eq!((best.options.n, best.options.candidates()), (2, 4));
+        let echo = completion(json!({"prompt": "a", "echo": true, "logprobs": 2})).unwrap();
+        assert!(echo.options.echo);
+        assert_eq!(echo.spec.prompt_logprobs, Some(2));
+        let plain = completion(json!({"prompt": "a", "echo": true})).unwrap();
+        assert_eq!(
+            plain.spec.prompt_logprobs, None,
+            "no logprobs, no prompt logprobs"
+        );
     }
 }

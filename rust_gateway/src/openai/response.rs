@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::tool_calls::{ToolCallDelta, ToolCallObject};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
@@ -51,7 +53,10 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the message only calls tools.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallObject>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -97,6 +102,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// A `text_completion`: the whole response, or one streamed chunk (then `usage` is absent
@@ -118,12 +125,13 @@ pub struct TextChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// The legacy completions logprobs layout: parallel lists, one entry per token.
+/// The legacy completions logprobs layout: parallel lists, one entry per token. With `echo`
+/// the prompt's tokens come first, the very first with null logprobs.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TextLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f64>>,
-    pub top_logprobs: Vec<BTreeMap<String, f64>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f64>>>,
     pub text_offset: Vec<usize>,
 }
 

@@ -45,8 +45,19 @@ fn golden_frames_roundtrip_byte_for_byte() {
         seen.insert(golden["message"]["t"].as_str().expect("t").to_string());
     }
     let all = [
-        "hello", "phase", "ready", "outputs", "error", "stats", "fatal", "welcome", "reject",
-        "submit", "cancel", "shutdown",
+        "hello",
+        "phase",
+        "ready",
+        "outputs",
+        "error",
+        "prompt_logprobs",
+        "stats",
+        "fatal",
+        "welcome",
+        "reject",
+        "submit",
+        "cancel",
+        "shutdown",
     ];
     for t in all {
         assert!(seen.contains(t), "no golden frame for {t}");

@@ -3,19 +3,38 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Messages the worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum WorkerMessage {
-    Hello { version: u32, pid: u32 },
-    Phase { name: String, ms: f64 },
+    Hello {
+        version: u32,
+        pid: u32,
+    },
+    Phase {
+        name: String,
+        ms: f64,
+    },
     Ready(ReadyInfo),
-    Outputs { step: u64, items: Vec<OutputItem> },
-    Error { id: u64, message: String },
+    Outputs {
+        step: u64,
+        items: Vec<OutputItem>,
+    },
+    Error {
+        id: u64,
+        message: String,
+    },
     Stats(WorkerStats),
-    Fatal { message: String },
+    /// One entry per prompt token from the second on: its logprob and top alternatives.
+    PromptLogprobs {
+        id: u64,
+        items: Vec<PromptLogprob>,
+    },
+    Fatal {
+        message: String,
+    },
 }
 
 /// Messages the gateway sends.
@@ -32,6 +51,8 @@ pub enum GatewayMessage {
         id: u64,
         prompt: Vec<u32>,
         params: Params,
+        /// An earlier request with the same prompt whose prefill this one waits for (`n`).
+        fork_of: Option<u64>,
     },
     Cancel {
         id: u64,
@@ -92,7 +113,18 @@ pub struct Params {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub logprobs: u32,
+    /// `(token, bias)` pairs added to the logits before any other sampling step.
+    pub logit_bias: Vec<(u32, f64)>,
+    /// EOS and stop token ids cannot be sampled before this many tokens (0 = off).
+    pub min_tokens: u32,
+    /// An llguidance grammar (serialized `TopLevelGrammar`) every sampled token must satisfy.
+    pub constraint: Option<String>,
+    /// Logprobs of the prompt's tokens with this many alternatives each (`None` = none).
+    pub prompt_logprobs: Option<u32>,
 }
+
+/// A prompt token's logprob and its alternatives (`None` when none were asked for).
+pub type PromptLogprob = (f64, Option<Vec<(u32, f64)>>);
 
 /// A test fixture (greedy, 16 tokens); the defaults clients get are validation's.
 #[cfg(test)]
@@ -111,6 +143,10 @@ impl Default for Params {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: 0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            constraint: None,
+            prompt_logprobs: None,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Gateway ↔ worker protocol, version 1 (docs/protocol.md): messages and frames.
+//! Gateway ↔ worker protocol, version 2 (docs/protocol.md): messages and frames.
 
 mod frames;
 mod messages;
@@ -7,7 +7,8 @@ pub use frames::{decode_body, read_body, write_message};
 #[cfg(test)]
 pub use frames::{encode, FrameError};
 pub use messages::{
-    GatewayMessage, OutputItem, Params, ReadyInfo, WireFinish, WorkerMessage, PROTOCOL_VERSION,
+    GatewayMessage, OutputItem, Params, PromptLogprob, ReadyInfo, WireFinish, WorkerMessage,
+    PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

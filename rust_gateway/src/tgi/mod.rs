@@ -6,6 +6,6 @@ mod response;
 
 pub use request::{GenerateBody, OutputOptions};
 pub use response::{
-    Details, GenerateResponse, PrefillToken, StreamDetails, StreamResponse, TokenInfo,
-    TokenizedToken,
+    BestOfSequence, Details, GenerateResponse, PrefillToken, StreamDetails, StreamResponse,
+    TokenInfo, TokenizedToken,
 };

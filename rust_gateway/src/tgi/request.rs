@@ -2,8 +2,9 @@
 
 use serde::Deserialize;
 
+use crate::constraint::{ConstraintError, ConstraintSource, FieldConstraint};
 use crate::error::ApiError;
-use crate::validation::{top_logprobs, SamplingSpec};
+use crate::validation::{top_logprobs, SamplingSpec, MAX_SIBLINGS};
 
 #[derive(Debug, Deserialize)]
 pub struct GenerateBody {
@@ -45,6 +46,8 @@ pub struct OutputOptions {
     pub decoder_input_details: bool,
     pub return_full_text: bool,
     pub top_n_tokens: bool,
+    /// Candidates generated; the most likely is answered, the others listed in the details.
+    pub best_of: usize,
 }
 
 impl TgiParameters {
@@ -52,14 +55,17 @@ impl TgiParameters {
     /// otherwise it is greedy. Temperature 0 is accepted as greedy (TGI refuses it).
     pub fn to_spec(&self) -> Result<(SamplingSpec, OutputOptions), ApiError> {
         let refuse = |message: &str| Err(ApiError::Validation(message.into()));
-        if self.best_of.is_some_and(|n| n > 1) {
-            return refuse("`best_of` > 1 is not supported");
-        }
+        let best_of = match self.best_of {
+            None => 1,
+            Some(n) if (1..=MAX_SIBLINGS).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::Validation(format!(
+                    "`best_of` must be in 1..={MAX_SIBLINGS} (got {n})"
+                )))
+            }
+        };
         if self.typical_p.is_some_and(|p| p != 1.0) {
             return refuse("`typical_p` is not supported");
-        }
-        if self.grammar.as_ref().is_some_and(|g| !g.is_null()) {
-            return refuse("`grammar` is not supported");
         }
         if self.watermark == Some(true) {
             return refuse("`watermark` is not supported");
@@ -71,6 +77,12 @@ impl TgiParameters {
             || self.top_k.is_some()
             || self.top_p.is_some_and(|p| p < 1.0);
         let sampling = self.do_sample.unwrap_or(false) || warped;
+        // Greedy candidates would all be the same text.
+        if best_of > 1 && !sampling {
+            return refuse(
+                "`best_of` > 1 needs sampling (`do_sample`, or a temperature, top_k or top_p)",
+            );
+        }
         let temperature = if sampling {
             self.temperature.or(Some(1.0))
         } else {
@@ -87,6 +99,11 @@ impl TgiParameters {
             stop: self.stop.clone().unwrap_or_default(),
             logprobs: self.top_n_tokens,
             truncate: self.truncate,
+            // Real prefill logprobs cost the prefix cache: asked for only when they are shown.
+            prompt_logprobs: (self.details == Some(true)
+                && self.decoder_input_details == Some(true))
+            .then_some(0),
+            constraint: self.grammar()?,
             ..SamplingSpec::default()
         };
         let options = OutputOptions {
@@ -94,8 +111,55 @@ impl TgiParameters {
             decoder_input_details: self.decoder_input_details.unwrap_or(false),
             return_full_text: self.return_full_text.unwrap_or(false),
             top_n_tokens: self.top_n_tokens.is_some_and(|n| n > 0),
+            best_of,
         };
         Ok((spec, options))
+    }
+}
+
+impl TgiParameters {
+    /// TGI's `grammar`: `{"type": "json" | "regex" | "json_schema", "value": ...}` as one
+    /// checked llguidance grammar.
+    fn grammar(&self) -> Result<Option<String>, ApiError> {
+        let Some(grammar) = self.grammar.as_ref().filter(|g| !g.is_null()) else {
+            return Ok(None);
+        };
+        let refuse = |field: &str, message: &str| {
+            ApiError::Validation(ConstraintError::new(field, message).to_string())
+        };
+        let value = grammar.get("value").filter(|v| !v.is_null());
+        let value = value.ok_or_else(|| refuse("grammar.value", "is required"))?;
+        let schema = |value: &serde_json::Value| match value {
+            // TGI takes a schema as JSON or as a string holding it.
+            serde_json::Value::String(text) => serde_json::from_str(text)
+                .map_err(|err| refuse("grammar.value", &format!("not valid JSON: {err}"))),
+            other => Ok(other.clone()),
+        };
+        let source = match grammar.get("type").and_then(serde_json::Value::as_str) {
+            Some("json") => ConstraintSource::JsonSchema(schema(value)?),
+            Some("json_schema") => {
+                let inner = value
+                    .get("schema")
+                    .ok_or_else(|| refuse("grammar.value.schema", "is required"))?;
+                ConstraintSource::JsonSchema(schema(inner)?)
+            }
+            Some("regex") => ConstraintSource::Regex(
+                value
+                    .as_str()
+                    .ok_or_else(|| refuse("grammar.value", "a regex must be a string"))?
+                    .to_owned(),
+            ),
+            _ => {
+                return Err(refuse(
+                    "grammar.type",
+                    "must be \"json\", \"json_schema\" or \"regex\"",
+                ))
+            }
+        };
+        FieldConstraint::new("grammar", source)
+            .grammar()
+            .map(Some)
+            .map_err(|err| ApiError::Validation(err.to_string()))
     }
 }
 
@@ -134,7 +198,10 @@ mod tests {
         for json in [
             serde_json::json!({"typical_p": 0.5}),
             serde_json::json!({"best_of": 2}),
-            serde_json::json!({"grammar": {"type": "json", "value": {}}}),
+            serde_json::json!({"grammar": {"type": "xml", "value": "a"}}),
+            serde_json::json!({"grammar": {"type": "json", "value": {"type": "objekt"}}}),
+            serde_json::json!({"grammar": {"type": "regex", "value": "(a"}}),
+            serde_json::json!({"grammar": {"type": "regex"}}),
             serde_json::json!({"watermark": true}),
             serde_json::json!({"top_n_tokens": 21}),
         ] {
@@ -142,6 +209,46 @@ mod tests {
                 params(json).to_spec(),
                 Err(ApiError::Validation(_))
             ));
+        }
+    }
+
+    #[test]
+    fn grammars_become_constraints() {
+        for grammar in [
+            serde_json::json!({"type": "json", "value": {"type": "object"}}),
+            serde_json::json!({"type": "json", "value": "{\"type\": \"integer\"}"}),
+            serde_json::json!({"type": "json_schema", "value": {"name": "x", "schema": {"type": "string"}}}),
+            serde_json::json!({"type": "regex", "value": "[0-9]+"}),
+        ] {
+            let (spec, _) = params(serde_json::json!({"grammar": grammar}))
+                .to_spec()
+                .unwrap();
+            let constraint = spec.constraint.expect("a grammar");
+            assert!(constraint.contains("\"grammars\""), "{constraint}");
+        }
+        let (spec, _) = params(serde_json::json!({})).to_spec().unwrap();
+        assert_eq!(spec.constraint, None);
+    }
+
+    #[test]
+    fn best_of_needs_sampling_and_a_bound() {
+        let (_, options) = params(serde_json::json!({"best_of": 3, "do_sample": true}))
+            .to_spec()
+            .unwrap();
+        assert_eq!(options.best_of, 3);
+        let (_, options) = params(serde_json::json!({})).to_spec().unwrap();
+        assert_eq!(options.best_of, 1);
+        for json in [
+            serde_json::json!({"best_of": 2}),
+            serde_json::json!({"best_of": 17, "do_sample": true}),
+            serde_json::json!({"best_of": 0, "do_sample": true}),
+        ] {
+            match params(json.clone()).to_spec() {
+                Err(ApiError::Validation(message)) => {
+                    assert!(message.contains("best_of"), "{json}: {message}")
+                }
+                other => panic!("{json}: expected 422, got {other:?}"),
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::engine::FinishReason;
+use crate::engine::{FinishReason, PromptLogprob};
 use crate::generation::GeneratedToken;
 use crate::text::TextTokenizer;
 
@@ -23,6 +23,22 @@ pub struct PrefillToken {
 
 #[derive(Debug, Serialize)]
 pub struct Details {
+    pub finish_reason: FinishReason,
+    pub generated_tokens: usize,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<TokenInfo>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<TokenInfo>>,
+    /// With `best_of` > 1: the candidates not chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of_sequences: Option<Vec<BestOfSequence>>,
+}
+
+/// A `best_of` candidate that was not chosen, as TGI lists it.
+#[derive(Debug, Serialize)]
+pub struct BestOfSequence {
+    pub generated_text: String,
     pub finish_reason: FinishReason,
     pub generated_tokens: usize,
     pub seed: Option<u64>,
@@ -91,15 +107,41 @@ impl TokenInfo {
 }
 
 impl PrefillToken {
-    /// The prompt's tokens; the engine computes no prompt logprobs, so they are null.
-    pub fn prompt(tokenizer: &TextTokenizer, prompt_ids: &[u32]) -> Vec<Self> {
+    /// The prompt's tokens with their logprobs: `logprobs` holds one per token from the second
+    /// on (the first has nothing to be predicted from, so its logprob is null, as TGI's).
+    pub fn prompt(
+        tokenizer: &TextTokenizer,
+        prompt_ids: &[u32],
+        logprobs: Option<&[PromptLogprob]>,
+    ) -> Vec<Self> {
         prompt_ids
             .iter()
-            .map(|&id| Self {
+            .enumerate()
+            .map(|(position, &id)| Self {
                 id,
                 text: tokenizer.token_text(id),
-                logprob: None,
+                logprob: position
+                    .checked_sub(1)
+                    .and_then(|before| logprobs?.get(before))
+                    .map(|&(logprob, _)| logprob),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_logprobs_start_at_the_second_token() {
+        let tokenizer = TextTokenizer::word_level(&["a", "b", "c"]);
+        let logprobs = [(-1.0, None), (-2.5, Some(vec![(0, -0.5)]))];
+        let prefill = PrefillToken::prompt(&tokenizer, &[0, 1, 2], Some(&logprobs));
+        let values: Vec<_> = prefill.iter().map(|p| p.logprob).collect();
+        assert_eq!(values, vec![None, Some(-1.0), Some(-2.5)]);
+        assert_eq!(prefill[1].text, "b");
+        let without = PrefillToken::prompt(&tokenizer, &[0, 1], None);
+        assert!(without.iter().all(|p| p.logprob.is_none()));
     }
 }

@@ -16,7 +16,14 @@ const FLOATS: [FloatParam; 6] = [
     PRESENCE_PENALTY,
     FREQUENCY_PENALTY,
 ];
-const INTS: [IntParam; 4] = [MAX_NEW_TOKENS, TOP_K, LOGPROBS, SEED];
+const INTS: [IntParam; 6] = [
+    MAX_NEW_TOKENS,
+    TOP_K,
+    LOGPROBS,
+    SEED,
+    MIN_TOKENS,
+    PROMPT_LOGPROBS,
+];
 
 fn contract() -> Value {
     let path = concat!(
@@ -43,8 +50,8 @@ fn limits() -> Limits {
     }
 }
 
-/// Wire params as a client's spec; `None` when they set what no client may set.
-fn spec(wire: &Map<String, Value>) -> Option<SamplingSpec> {
+/// Wire params as a client's spec.
+fn spec(wire: &Map<String, Value>) -> SamplingSpec {
     let mut spec = SamplingSpec::default();
     for (name, value) in wire {
         let int = || Some(value.as_i64().unwrap_or_else(|| panic!("{name}: {value}")));
@@ -62,13 +69,17 @@ fn spec(wire: &Map<String, Value>) -> Option<SamplingSpec> {
             "seed" => spec.seed = Some(value.as_u64().expect("a non-negative seed")),
             "ignore_eos" => spec.ignore_eos = value.as_bool().expect("ignore_eos"),
             "logprobs" => spec.logprobs = int(),
-            // The gateway sets these from the model, never from a request.
-            "stop_token_ids" if value == &Value::Array(Vec::new()) => {}
-            "stop_token_ids" => return None,
+            "stop_token_ids" => {
+                spec.stop_token_ids = serde_json::from_value(value.clone()).expect("ids")
+            }
+            "logit_bias" => spec.logit_bias = serde_json::from_value(value.clone()).expect("pairs"),
+            "min_tokens" => spec.min_tokens = int(),
+            "constraint" => spec.constraint = value.as_str().map(str::to_string),
+            "prompt_logprobs" => spec.prompt_logprobs = value.as_i64(),
             other => panic!("{other}: not mapped onto SamplingSpec"),
         }
     }
-    Some(spec)
+    spec
 }
 
 #[test]
@@ -118,6 +129,14 @@ fn the_bounds_are_the_contracts() {
                 assert_eq!(Some(rust.min), param["min"].as_i64(), "{name} min");
                 assert_eq!(rust.max, param["max"].as_i64(), "{name} max");
             }
+            "list[[int,float]]" => {
+                assert_eq!(name, LOGIT_BIAS.name);
+                assert_eq!(Some(LOGIT_BIAS.min), param["bias_min"].as_f64());
+                assert_eq!(LOGIT_BIAS.max, param["bias_max"].as_f64());
+                let entries = param["max_entries"].as_u64().expect("max_entries");
+                assert_eq!(entries, MAX_LOGIT_BIAS_ENTRIES as u64);
+                continue;
+            }
             _ => continue,
         }
         bounded.insert(name);
@@ -160,10 +179,7 @@ fn every_case_is_accepted_or_refused_as_the_contract_says() {
     for case in cases {
         let mut wire = base.clone();
         wire.extend(case["set"].as_object().expect("set").clone());
-        let Some(spec) = spec(&wire) else {
-            continue;
-        };
-        let result = build_request(spec, vec![1], &limits());
+        let result = build_request(spec(&wire), vec![1], &limits());
         if case["valid"].as_bool().expect("valid") {
             let request = result.unwrap_or_else(|err| panic!("{case}: refused: {err}"));
             let frame = serde_json::to_value(&request.params).expect("params encode");

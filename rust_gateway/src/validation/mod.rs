@@ -22,6 +22,14 @@ pub const MAX_STOP_BYTES: usize = 512;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// The worker seeds a signed 64-bit generator.
 pub const MAX_SEED: i64 = i64::MAX;
+/// Most `logit_bias` entries per request, and the largest bias either way (OpenAI's).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
+/// Most siblings of one request (OpenAI's `n` and `best_of`, TGI's `best_of`): each is a
+/// request of its own in the worker, so one request cannot fill the batch.
+pub const MAX_SIBLINGS: i64 = 16;
+/// Most extra stop token ids per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 
 /// A float parameter's bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,6 +110,24 @@ pub const SEED: IntParam = IntParam {
     min: 0,
     max: Some(MAX_SEED),
 };
+pub const MIN_TOKENS: IntParam = IntParam {
+    name: "min_tokens",
+    min: 0,
+    max: None,
+};
+pub const PROMPT_LOGPROBS: IntParam = IntParam {
+    name: "prompt_logprobs",
+    min: 0,
+    max: Some(MAX_TOP_LOGPROBS),
+};
+/// Each bias's bounds (the default, 0, is "no bias").
+pub const LOGIT_BIAS: FloatParam = FloatParam {
+    name: "logit_bias",
+    min: -MAX_LOGIT_BIAS,
+    min_exclusive: false,
+    max: Some(MAX_LOGIT_BIAS),
+    default: 0.0,
+};
 
 /// `stop` as OpenAI and vLLM take it: one string or a list.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -137,6 +163,15 @@ pub struct SamplingSpec {
     pub logprobs: Option<i64>,
     /// Keep only the last `truncate` prompt tokens.
     pub truncate: Option<i64>,
+    /// `(token id, bias)` pairs, ids as the client sent them.
+    pub logit_bias: Vec<(i64, f64)>,
+    pub min_tokens: Option<i64>,
+    /// Token ids that end generation like EOS (vLLM's `stop_token_ids`).
+    pub stop_token_ids: Vec<i64>,
+    /// An llguidance grammar (serialized `TopLevelGrammar`), already compiled and checked.
+    pub constraint: Option<String>,
+    /// Logprobs of the prompt's tokens with this many alternatives each.
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// A request that passed validation: what the generator consumes.
@@ -211,8 +246,63 @@ pub fn validate(
 ) -> Result<ValidRequest, ApiError> {
     // Cheap checks first: a request refused for its parameters costs no tokenization.
     check_stops(&spec.stop)?;
+    check_vocab(&spec, model.tokenizer.vocab_size())?;
+    let mut spec = spec;
+    if let Some(grammar) = prompt.tool_constraint(model)? {
+        spec.constraint = Some(grammar);
+    }
     let ids = prompt.into_ids(model)?;
     build_request(spec, ids, limits)
+}
+
+/// Token ids in `logit_bias` and `stop_token_ids` reach the worker's tensors: each must be
+/// inside the vocabulary.
+fn check_vocab(spec: &SamplingSpec, vocab: usize) -> Result<(), ApiError> {
+    let outside = |id: i64| usize::try_from(id).map_or(true, |id| id >= vocab);
+    if let Some((id, _)) = spec.logit_bias.iter().find(|(id, _)| outside(*id)) {
+        return Err(invalid(format!(
+            "`logit_bias` names token {id}, outside the vocabulary (size {vocab})"
+        )));
+    }
+    if let Some(id) = spec.stop_token_ids.iter().find(|&&id| outside(id)) {
+        return Err(invalid(format!(
+            "`stop_token_ids` holds {id}, outside the vocabulary (size {vocab})"
+        )));
+    }
+    Ok(())
+}
+
+/// Bias bounds and the entry cap; ids are checked against the vocabulary by [`validate`].
+fn logit_bias(pairs: &[(i64, f64)]) -> Result<Vec<(u32, f64)>, ApiError> {
+    if pairs.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(invalid(format!(
+            "`logit_bias` may hold {MAX_LOGIT_BIAS_ENTRIES} entries at most (got {})",
+            pairs.len()
+        )));
+    }
+    pairs
+        .iter()
+        .map(|&(id, bias)| {
+            let id = u32::try_from(id)
+                .map_err(|_| invalid(format!("`logit_bias` token id {id} is not a token id")))?;
+            Ok((id, LOGIT_BIAS.check(Some(bias))?))
+        })
+        .collect()
+}
+
+fn stop_token_ids(ids: &[i64]) -> Result<Vec<u32>, ApiError> {
+    if ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(invalid(format!(
+            "`stop_token_ids` may hold {MAX_STOP_TOKEN_IDS} ids at most (got {})",
+            ids.len()
+        )));
+    }
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .map_err(|_| invalid(format!("`stop_token_ids` holds {id}, not a token id")))
+        })
+        .collect()
 }
 
 fn check_stops(stop: &[String]) -> Result<(), ApiError> {
@@ -259,6 +349,12 @@ pub fn build_request(
     if let Some(seed) = spec.seed {
         SEED.check(SEED.name, seed)?;
     }
+    let logit_bias = logit_bias(&spec.logit_bias)?;
+    let stop_token_ids = stop_token_ids(&spec.stop_token_ids)?;
+    let prompt_logprobs = match spec.prompt_logprobs {
+        None => None,
+        Some(n) => Some(top_logprobs(PROMPT_LOGPROBS.name, n)?),
+    };
     check_stops(&spec.stop)?;
     if let Some(truncate) = spec.truncate {
         let keep = usize::try_from(truncate)
@@ -297,6 +393,18 @@ pub fn build_request(
             n as u32
         }
     };
+    let min_tokens = match spec.min_tokens {
+        None => 0,
+        Some(n) => {
+            MIN_TOKENS.check(MIN_TOKENS.name, n)?;
+            if n > i64::from(max_new_tokens) {
+                return Err(invalid(format!(
+                    "`min_tokens` ({n}) must not exceed the maximum of new tokens ({max_new_tokens})"
+                )));
+            }
+            n as u32
+        }
+    };
     let params = Params {
         max_new_tokens,
         temperature,
@@ -307,9 +415,13 @@ pub fn build_request(
         presence_penalty,
         frequency_penalty,
         seed: spec.seed,
-        stop_token_ids: Vec::new(),
+        stop_token_ids,
         ignore_eos: spec.ignore_eos,
         logprobs,
+        logit_bias,
+        min_tokens,
+        constraint: spec.constraint,
+        prompt_logprobs,
     };
     Ok(ValidRequest {
         prompt_ids,
@@ -429,5 +541,27 @@ mod tests {
             top_logprobs("top_n_tokens", 21).unwrap_err().to_string(),
             "`top_n_tokens` must be in 0..=20 (got 21)"
         );
+    }
+
+    #[test]
+    fn token_lists_are_checked_against_the_vocabulary_and_caps() {
+        let spec = |logit_bias: Vec<(i64, f64)>, stop_token_ids: Vec<i64>| SamplingSpec {
+            logit_bias,
+            stop_token_ids,
+            ..Default::default()
+        };
+        assert!(check_vocab(&spec(vec![(9, 1.0)], vec![9]), 10).is_ok());
+        let outside = check_vocab(&spec(vec![(10, 1.0)], Vec::new()), 10).unwrap_err();
+        assert!(outside.to_string().contains("`logit_bias`"), "{outside}");
+        let outside = check_vocab(&spec(Vec::new(), vec![-2]), 10).unwrap_err();
+        assert!(
+            outside.to_string().contains("`stop_token_ids`"),
+            "{outside}"
+        );
+        let many = spec(Vec::new(), vec![1; MAX_STOP_TOKEN_IDS + 1]);
+        assert!(rejected(many).contains("at most"));
+        let sent = build(spec(vec![(3, -2.5)], vec![4, 5]), 3).unwrap().params;
+        assert_eq!(sent.logit_bias, vec![(3, -2.5)]);
+        assert_eq!(sent.stop_token_ids, vec![4, 5]);
     }
 }

@@ -1,12 +1,13 @@
-"""Per-layer attention features: the torch reference, the Triton kernels and flash-attn implement
-windows and soft-capping; the fused CPU backend refuses them rather than compute plain attention,
-and the backend choice follows what the model needs."""
+"""Per-layer attention features: every backend (the torch reference, the fused CPU kernels, the
+Triton kernels, flash-attn) implements windows and soft-capping; a backend without one refuses
+it rather than compute plain attention, and the backend choice follows what the model needs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from handler.attention import registry
 from handler.attention.base import (
     LOGIT_SOFTCAP,
     SLIDING_WINDOW,
@@ -21,7 +22,9 @@ BOTH = frozenset({SLIDING_WINDOW, LOGIT_SOFTCAP})
 
 def test_auto_picks_a_backend_that_has_what_the_model_needs() -> None:
     assert resolve_backend_name("auto", CPU, 16, cpu_kernels=True) == "cpu"
-    assert resolve_backend_name("auto", CPU, 16, cpu_kernels=True, needs=BOTH) == "torch"
+    assert resolve_backend_name("auto", CPU, 16, cpu_kernels=True, needs=BOTH) == "cpu"
+    assert resolve_backend_name("auto", CPU, 16, cpu_kernels=False, needs=BOTH) == "torch"
+    assert resolve_backend_name("cpu", CPU, 16, needs=BOTH) == "cpu"
     assert resolve_backend_name("auto", CUDA, 16) == "triton"
     assert resolve_backend_name("auto", CUDA, 16, needs=BOTH) == "triton"
     assert resolve_backend_name("torch", CUDA, 16, needs=BOTH) == "torch"
@@ -29,20 +32,25 @@ def test_auto_picks_a_backend_that_has_what_the_model_needs() -> None:
     assert resolve_backend_name("flash", CUDA, 256, needs=BOTH) == "flash"
 
 
-@pytest.mark.parametrize("name", ["cpu"])
-def test_a_named_backend_without_the_feature_is_refused(name: str) -> None:
+def test_a_backend_without_the_feature_is_refused_or_passed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No backend lacks a feature today: a stand-in table where the cpu kernels lack both."""
+    monkeypatch.setitem(registry.FEATURES, "cpu", frozenset())
+    name = "cpu"
+    assert resolve_backend_name("auto", CPU, 16, cpu_kernels=True, needs=BOTH) == "torch"
     with pytest.raises(ValueError, match="sliding-window attention.*use attention backend"):
         resolve_backend_name(name, CUDA, 256, needs=frozenset({SLIDING_WINDOW}))
     with pytest.raises(ValueError, match="logit soft-capping"):
         resolve_backend_name(name, CUDA, 256, needs=frozenset({LOGIT_SOFTCAP}))
 
 
-def test_kernel_backends_refuse_a_window_at_run_time() -> None:
-    refuse_features("cpu", None, None)
-    with pytest.raises(UnsupportedAttentionError, match="cpu .* sliding-window attention"):
-        refuse_features("cpu", 4096, None)
+def test_a_backend_without_a_feature_refuses_it_at_run_time() -> None:
+    refuse_features("future", None, None)
+    with pytest.raises(UnsupportedAttentionError, match="future .* sliding-window attention"):
+        refuse_features("future", 4096, None)
     with pytest.raises(UnsupportedAttentionError, match="or logit soft-capping"):
-        refuse_features("cpu", 4096, 50.0)
+        refuse_features("future", 4096, 50.0)
 
 
 def test_flash_gets_the_window_and_softcap_as_its_own_arguments() -> None:

@@ -27,13 +27,26 @@ from tests.support.engine_fixtures import (
     run_staggered,
     teacher_forced_logits,
 )
+from tests.support.families import FAMILIES
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
 
-@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_kernels_are_as_close_to_float32_as_plain_torch(architecture: str) -> None:
-    tiny = build_tiny(architecture)
+# Llama and Qwen2 plain, Phi-3's fused projections without LongRoPE; and from the family
+# configs, windows (Mistral), Qwen3's q/k norms, Gemma 2's soft-caps and alternating windows,
+# Gemma 3's sandwich norms, q/k norms, GeGLU and local rope base.
+KERNEL_MODELS = {
+    "llama": ("LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "phi3": ("Phi3ForCausalLM", {"sliding_window": 8}),
+    **{name: FAMILIES[name] for name in ("mistral-window", "qwen3", "gemma2", "gemma3")},
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_MODELS))
+def test_kernels_are_as_close_to_float32_as_plain_torch(name: str) -> None:
+    architecture, overrides = KERNEL_MODELS[name]
+    tiny = build_tiny(architecture, **overrides)
     sequences = random_prompts(6, 20, 60, seed=2)
     reference = teacher_forced_logits(tiny.engine(), sequences, decodes=12)
     kernels_engine = tiny.engine(dtype=torch.bfloat16)
@@ -76,6 +89,43 @@ def test_kernels_on_the_default_snapshot_track_float32() -> None:
     agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
     plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
     # Random-token prompts give flat distributions: near ties flip either way in bfloat16.
+    assert float(agree) >= float(plain_agree) - 0.03
+
+
+GEMMA3_SNAPSHOT = DEFAULT_SNAPSHOT.parent / "gemma3-270m-f32"
+
+
+@pytest.mark.skipif(
+    not (GEMMA3_SNAPSHOT / "config.json").exists(), reason="no Gemma 3 270M snapshot"
+)
+def test_kernels_on_gemma3_past_its_window_track_float32() -> None:
+    """Gemma 3 270M's real weights through the fused path (sandwich norms, q/k norms, GeGLU,
+    local rope base), prompts longer than its 512-token window so the local layers' decodes
+    and prefills are windowed: closer to float32 than plain torch in bfloat16."""
+    from handler.engine.config import EngineConfig
+    from handler.model.config import ModelConfig
+    from snapshot.loader import load_snapshot
+
+    snap = load_snapshot(GEMMA3_SNAPSHOT, "cpu")
+    config = ModelConfig.from_hf_config(snap.config)
+
+    def engine(dtype: torch.dtype, kernels: bool) -> LLMEngine:
+        settings = EngineConfig(
+            dtype=dtype, num_kv_blocks=1024, cpu_kernels=kernels, max_num_batched_tokens=1024
+        )
+        return LLMEngine(config, snap.weights, [], settings)
+
+    sequences = random_prompts(2, 530, 560, seed=5)
+    reference = teacher_forced_logits(engine(torch.float32, False), sequences, decodes=6)
+    fused_engine = engine(torch.bfloat16, True)
+    assert fused_engine.attention_backend == "cpu"
+    fused = teacher_forced_logits(fused_engine, sequences, decodes=6)
+    plain = teacher_forced_logits(engine(torch.bfloat16, False), sequences, decodes=6)
+    fused_err, plain_err = (fused - reference).abs(), (plain - reference).abs()
+    assert float(fused_err.mean()) <= 0.8 * float(plain_err.mean())
+    assert kl_divergence(reference, fused) <= 0.8 * kl_divergence(reference, plain)
+    agree = (fused.argmax(-1) == reference.argmax(-1)).float().mean()
+    plain_agree = (plain.argmax(-1) == reference.argmax(-1)).float().mean()
     assert float(agree) >= float(plain_agree) - 0.03
 
 

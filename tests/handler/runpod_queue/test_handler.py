@@ -524,6 +524,12 @@ def test_sse_parser_handles_comments_crlf_and_multiline_data() -> None:
         ({"messages": "hi"}, "messages must be a non-empty list"),
         ({"prompt": "a", "sampling_params": [1]}, "sampling_params must be a JSON object"),
         ({"prompt": "a", "stream": "yes"}, "stream must be true or false"),
+        ({"prompt": "a", "sampling_params": {"n": 3}}, r"sampling_params.n > 1 needs the openai"),
+        ({"prompt": "a", "sampling_params": {"best_of": 2}}, r"sampling_params.best_of > 1 needs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "sampling_params": {"tools": []}},
+            "sampling_params.tools needs the openai_route input",
+        ),
         ({"openai_route": "/v1/completions", "openai_input": "x"}, "openai_input must be a JSON"),
         (
             {"openai_route": "/v1/completions", "openai_input": {"stream": 1}},

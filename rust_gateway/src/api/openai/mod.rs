@@ -13,7 +13,7 @@ use axum::response::Response;
 use super::extract::OpenAiJson;
 use crate::engine::QueueSlot;
 use crate::error::ApiError;
-use crate::generation::TextStream;
+use crate::generation::{sibling, Siblings, TextStream};
 use crate::openai::{
     ChatRequest, CompletionRequest, OpenAiRequest, OutputOptions, ResponseBuilder,
 };
@@ -27,14 +27,17 @@ pub async fn chat_completions(
     State(app): State<AppState>,
     OpenAiJson(body): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    respond(&app, body.into_request()?).await
+    // Off the async threads: schemas and tools are compiled into grammars here.
+    let request = app.off_thread(move || body.into_request()).await??;
+    respond(&app, request).await
 }
 
 pub async fn completions(
     State(app): State<AppState>,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    respond(&app, body.into_request()?).await
+    let request = app.off_thread(move || body.into_request()).await??;
+    respond(&app, request).await
 }
 
 /// A validated request, its place in the queue until it starts, and how to answer it.
@@ -46,35 +49,36 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// Starts the generation in the queue place taken at admission.
-    fn start(&mut self, app: &AppState) -> Result<(ResponseBuilder, TextStream), ApiError> {
+    /// Starts the generation, one sibling per choice (`n`, `best_of`), the first in the queue
+    /// place taken at admission.
+    fn start(&mut self, app: &AppState) -> Result<(ResponseBuilder, Siblings), ApiError> {
         let generator = &app.generator;
-        let (model, request) = (self.model.clone(), self.request.clone());
-        let stream = match self.slot.take() {
-            Some(slot) => generator.generate_in(slot, model, request)?,
-            None => generator.generate(model, request)?,
+        let slot = match self.slot.take() {
+            Some(slot) => slot,
+            None => generator.engine().reserve()?,
         };
-        Ok((self.builder(), stream))
+        let count = self.options.candidates();
+        let siblings =
+            generator.generate_siblings(slot, self.model.clone(), &self.request, count)?;
+        Ok((self.builder(), siblings))
     }
 
-    /// Runs the request again after its worker was lost, with a fresh builder.
+    /// Runs choice `index` again after its worker was lost.
     fn retry(
         &self,
         app: &AppState,
+        index: usize,
         previous_attempts: u32,
-    ) -> Result<(ResponseBuilder, TextStream), ApiError> {
-        let stream =
-            app.generator
-                .retry(self.model.clone(), self.request.clone(), previous_attempts)?;
-        Ok((self.builder(), stream))
+    ) -> Result<TextStream, ApiError> {
+        let request = sibling(&self.request, index);
+        Ok(app
+            .generator
+            .retry(self.model.clone(), request, previous_attempts)?)
     }
 
     fn builder(&self) -> ResponseBuilder {
-        ResponseBuilder::new(
-            self.options,
-            &self.model.model_id,
-            self.request.prompt_ids.len(),
-        )
+        ResponseBuilder::new(self.options, &self.model.model_id, &self.request.prompt_ids)
+            .with_tool_format(self.model.tools.format)
     }
 }
 

@@ -16,14 +16,15 @@ use serde_json::Value;
 
 use super::Prepared;
 use crate::error::ApiError;
-use crate::generation::TextStream;
+use crate::generation::Siblings;
 use crate::openai::ResponseBuilder;
 use crate::served_model::SharedModel;
 use crate::state::AppState;
 
 struct ChunkStream {
     model: SharedModel,
-    stream: TextStream,
+    /// One stream per choice; their chunks interleave, tagged by `index`.
+    siblings: Siblings,
     builder: ResponseBuilder,
     /// Event data produced but not sent yet.
     pending: VecDeque<String>,
@@ -34,14 +35,14 @@ impl ChunkStream {
     /// Reads events until one produces chunks, the generation finishes, or it fails.
     async fn fill(&mut self) -> Result<(), ApiError> {
         while self.pending.is_empty() && !self.builder.is_finished() {
-            match self.stream.next().await {
-                Some(Ok(event)) => {
-                    if let Some(step) = self.builder.push(event, &self.model.tokenizer) {
+            match self.siblings.next().await {
+                Some((index, Ok(event))) => {
+                    if let Some(step) = self.builder.push(index, event, &self.model.tokenizer) {
                         let chunks = self.builder.chunks(step);
                         self.pending.extend(chunks.iter().map(Value::to_string));
                     }
                 }
-                Some(Err(error)) => return Err(error.into()),
+                Some((_, Err(error))) => return Err(error.into()),
                 None => {
                     return Err(ApiError::Generation(
                         "generation ended without finishing".into(),
@@ -74,10 +75,10 @@ impl ChunkStream {
 const DONE: &str = "[DONE]";
 
 pub async fn respond(app: &AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
-    let (builder, stream) = prepared.start(app)?;
+    let (builder, siblings) = prepared.start(app)?;
     let mut chunks = ChunkStream {
         model: prepared.model,
-        stream,
+        siblings,
         builder,
         pending: VecDeque::new(),
         ended: false,

@@ -6,33 +6,25 @@ use axum::Json;
 use super::Prepared;
 use crate::engine::EngineError;
 use crate::error::ApiError;
-use crate::generation::TextStream;
-use crate::openai::ResponseBuilder;
-use crate::served_model::SharedModel;
 use crate::state::AppState;
 
-/// The client has seen nothing yet, so a request whose worker died simply runs again; the
-/// engine's attempt limit ends this (`Crashed`).
+/// The client has seen nothing yet, so a choice whose worker died simply runs again; the
+/// engine's attempt limit ends this (`Crashed`). Any other failure fails the response, and
+/// dropping the siblings cancels the choices still running.
 pub async fn respond(app: &AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
-    let (mut builder, mut stream) = prepared.start(app)?;
-    loop {
-        match drain(&prepared.model, &mut stream, &mut builder).await {
+    let (mut builder, mut siblings) = prepared.start(app)?;
+    while let Some((index, event)) = siblings.next().await {
+        match event {
+            Ok(event) => {
+                builder.push(index, event, &prepared.model.tokenizer);
+            }
             Err(EngineError::WorkerLost) => {
-                (builder, stream) = prepared.retry(app, stream.attempts())?
+                let retry = prepared.retry(app, index, siblings.attempts(index))?;
+                builder.reset(index);
+                siblings.replace(index, retry);
             }
             Err(error) => return Err(error.into()),
-            Ok(()) => return Ok(Json(builder.response()?).into_response()),
         }
     }
-}
-
-async fn drain(
-    model: &SharedModel,
-    stream: &mut TextStream,
-    builder: &mut ResponseBuilder,
-) -> Result<(), EngineError> {
-    while let Some(event) = stream.next().await {
-        builder.push(event?, &model.tokenizer);
-    }
-    Ok(())
+    Ok(Json(builder.response()?).into_response())
 }
