@@ -139,6 +139,9 @@ class FakeRunPodJobs:
             "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=fake",
             "RUNPOD_POD_ID": "fake-worker",
             "RUNPOD_SKIP_GPU_CHECK": "true",
+            # The SDK refuses to start below 10% free disk; how full the test machine's disk
+            # is says nothing about the handler under test.
+            "RUNPOD_MIN_DISK_PERCENT": "0",
         }
 
     def add_job(self, job_id: str, job_input: Any) -> None:
