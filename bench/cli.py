@@ -13,6 +13,7 @@ HELP: dict[str, str] = {
     "gpu": "GPU checks: H2D, Triton kernels, CUDA graphs, throughput, cold start",
     "structured": "engine tokens/s with every request under a JSON schema vs unconstrained",
     "grammar-engines": "llguidance vs outlines-core vs xgrammar: setup, compile, mask per token",
+    "quant": "quantized snapshots' tokens/s, size, start and accuracy vs llama.cpp's GGUFs",
 }
 
 
@@ -46,6 +47,10 @@ def bench_module(name: str) -> ModuleType:
         from bench import grammar_engines
 
         return grammar_engines
+    if name == "quant":
+        from bench import quant
+
+        return quant
     raise ValueError(f"unknown benchmark {name!r}")
 
 

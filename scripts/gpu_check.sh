@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of the GPU path in one run, for one device call:
-#   tests on CUDA -> H2D / kernels / CUDA graphs -> throughput vs generate_batch -> loader and
-#   worker cold start, then one summary table printed last.
+#   tests on CUDA -> H2D / kernels / CUDA graphs -> throughput vs generate_batch -> quantized
+#   linears (int8 / int4 / fp8 vs bf16) -> loader and worker cold start, then one summary table
+#   printed last (and the quantized-linear table after it).
 # Installs nothing (the device reaches no registry): it uses the python3 that holds torch, triton
 # and transformers there. Results land in $OUT (the device tool brings that folder back).
 # Each step has its own time limit so that one slow step cannot eat the others; a failed step is
@@ -9,11 +10,12 @@
 #
 # Knobs (environment): PYTHON (default python3), GPU_CHECK_MODELS (default smollm2-135m,llama-1b),
 # GPU_CHECK_SEQS (256), GPU_CHECK_HF_SEQS (64), GPU_CHECK_LOADER_MODEL (llama-1b; "" to skip),
+# GPU_CHECK_QUANT (1; 0 skips the quantized-linear timings),
 # GPU_CHECK_BUDGET (seconds for all steps, default 500: with the machine's start it fits a 10-minute
 # call and leaves device time for one short rerun), GPU_CHECK_ARGS (extra bench.gpu flags; "--tiny --device cpu" with TRITON_INTERPRET=1 dry-runs
 # the whole script on a CPU).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$(mktemp -d -t thaw-gpu-check.XXXXXX)}"
@@ -58,7 +60,8 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the budget le
 #    soft-capped attention and the grouped MoE kernel of the newer families.
 step "pytest" 240 "$PY" -m pytest -q -p no:cacheprovider \
   tests/handler/attention/test_triton_paged.py tests/handler/attention/test_features.py \
-  tests/handler/model/test_moe_triton.py tests/warmup/test_kv_sizing.py \
+  tests/handler/model/test_moe_triton.py tests/handler/model/test_quant_triton.py \
+  tests/warmup/test_kv_sizing.py \
   tests/warmup/test_cuda_graphs.py tests/warmup/test_warm_profile.py \
   tests/warmup/test_warm_start.py tests/handler/engine/test_gpu_path.py
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 1 >"$OUT/pytest.log"
@@ -67,6 +70,12 @@ echo "   pytest: $(cat "$OUT/pytest.log")"
 # 2. Bandwidth, kernel speed, CUDA graphs, throughput (bench/gpu.py writes gpu.json as it goes).
 step "bench.gpu" 330 "$PY" -m bench.gpu --models "$MODELS" --seqs "$SEQS" --hf-seqs "$HF_SEQS" \
   --sections h2d,kernels,graphs,throughput --json-out "$OUT/gpu.json" "${EXTRA[@]}"
+
+# 2b. Quantized linears (bench/gpu_quant.py writes quant.json as it goes): bf16 F.linear against
+#     int_linear int8 / int4 and fp8_linear at SmolLM2-135M and ~1B Llama layer shapes, m 1..256.
+if [[ "${GPU_CHECK_QUANT:-1}" != 0 ]]; then
+  step "bench.gpu_quant" 120 "$PY" -m bench.gpu_quant --json-out "$OUT/quant.json" "${EXTRA[@]}"
+fi
 
 # 3. Loader GB/s on a large random-weight snapshot, then a worker cold start from the default one.
 if [[ -n "$LOADER_MODEL" && -f bench/load.py ]]; then
@@ -105,3 +114,6 @@ EOF
 
 echo "total $((SECONDS - started))s; logs in $OUT"
 "$PY" -m bench.gpu --summary "$OUT"
+if [[ -f "$OUT/quant.json" ]]; then
+  "$PY" -m bench.gpu_quant --summary "$OUT/quant.json"
+fi

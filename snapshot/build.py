@@ -16,6 +16,7 @@ from snapshot.swap import replace_directory
 from snapshot.writer import DEFAULT_SHARD_BYTES, plan_shards, write_shard
 
 DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZE = ("auto", "none", "source", "int8", "int4")
 # transformers' save_pretrained leaves bookkeeping keys that mean nothing outside one machine.
 DROPPED_TOKENIZER_KEYS = ("is_local", "local_files_only")
 
@@ -27,6 +28,7 @@ class BuildRequest:
     dtype: str = "bfloat16"
     shard_bytes: int = DEFAULT_SHARD_BYTES
     force: bool = False
+    quantize: str = "auto"  # see sources.load
 
 
 def build_snapshot(request: BuildRequest) -> dict[str, Any]:
@@ -35,6 +37,8 @@ def build_snapshot(request: BuildRequest) -> dict[str, Any]:
 
     if request.dtype not in DTYPES:
         raise SnapshotError(f"--dtype {request.dtype}: expected one of {', '.join(DTYPES)}")
+    if request.quantize not in QUANTIZE:
+        raise SnapshotError(f"--quantize {request.quantize}: expected one of {', '.join(QUANTIZE)}")
     out = request.out
     if out.exists() and not request.force:
         raise SnapshotError(f"{out}: already exists (pass --force to replace it)")
@@ -42,11 +46,11 @@ def build_snapshot(request: BuildRequest) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        model = sources.load(source, request.dtype)
+        model = sources.load(source, request.dtype, request.quantize)
         _write_tokenizer(staging, model.tokenizer)
         mf.write_json(staging / mf.CONFIG, model.config)
         mf.write_json(staging / mf.GENERATION_CONFIG, model.generation_config)
-        tensors = _write_weights(staging, model.state, request.shard_bytes)
+        tensors = _write_weights(staging, _stored_state(model), request.shard_bytes)
         manifest = _manifest(staging, model, request.dtype, tensors)
         mf.write_json(staging / mf.MANIFEST, manifest)
         staging.chmod(0o755)  # mkdtemp makes it 0700; the snapshot is meant to be shared
@@ -73,6 +77,16 @@ def _write_tokenizer(staging: Path, tokenizer: Any) -> None:
     mf.write_json(config_path, config)
     if tokenizer.special_tokens_map:
         mf.write_json(staging / mf.SPECIAL_TOKENS_MAP, tokenizer.special_tokens_map)
+
+
+def _stored_state(model: Any) -> dict[str, Any]:
+    """Dense tensors and the parts of every quantized weight, in the source's order."""
+    from snapshot.quant.format import stored_tensors
+
+    state = dict(model.state)
+    for name, quantized in model.quantized.items():
+        state.update(stored_tensors(name, quantized))
+    return state
 
 
 def _write_weights(staging: Path, state: dict[str, Any], shard_bytes: int) -> dict[str, Any]:
@@ -116,10 +130,15 @@ def _manifest(staging: Path, model: Any, dtype: str, tensors: dict[str, Any]) ->
         for path in paths:
             digest = mf.sha256_file(path, bar.update)
             files.append({"name": path.name, "size": path.stat().st_size, "sha256": digest})
+    from snapshot.quant.format import manifest_entry
+
+    quantized = model.quantized
     parameters = sum(t.numel() for t in model.state.values())
+    parameters += sum(q.shape[0] * q.shape[1] for q in quantized.values())
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state.values())
-    return {
-        "format_version": mf.FORMAT_VERSION,
+    weight_bytes += sum(q.nbytes for q in quantized.values())
+    manifest: dict[str, Any] = {
+        "format_version": mf.QUANTIZED_FORMAT_VERSION if quantized else mf.FORMAT_VERSION,
         "architecture": model.architecture,
         "model_type": model.config.get("model_type"),
         "dtype": dtype,
@@ -134,3 +153,7 @@ def _manifest(staging: Path, model: Any, dtype: str, tensors: dict[str, Any]) ->
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "warm_profiles": {},
     }
+    if quantized:
+        manifest["quantization_source"] = model.quantization
+        manifest["quantization"] = {name: manifest_entry(name, q) for name, q in quantized.items()}
+    return manifest

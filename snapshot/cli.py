@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from snapshot.build import DTYPES
+from snapshot.build import DTYPES, QUANTIZE
 from snapshot.errors import SnapshotError
 from snapshot.writer import DEFAULT_SHARD_BYTES
 
@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_size,
         default=DEFAULT_SHARD_BYTES,
         help="largest weight file (default 2G)",
+    )
+    build.add_argument(
+        "--quantize",
+        default="auto",
+        choices=QUANTIZE,
+        help="'source': keep the source's quantized weights (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K,"
+        " AWQ, GPTQ, compressed-tensors, FP8); 'int8'/'int4': round to nearest with group scales;"
+        " 'none': all dense in --dtype; 'auto' (default): 'source' for AWQ/GPTQ/compressed-tensors"
+        "/FP8 checkpoints, else 'none'",
     )
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -105,11 +114,16 @@ def run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from snapshot.build import BuildRequest, build_snapshot
 
-    request = BuildRequest(args.source, args.out, args.dtype, args.shard_size, args.force)
+    request = BuildRequest(
+        args.source, args.out, args.dtype, args.shard_size, args.force, args.quantize
+    )
     manifest = build_snapshot(request)
+    quantized = (
+        f", quantized ({manifest['quantization_source']})" if "quantization" in manifest else ""
+    )
     print(
         f"built {args.out}: {manifest['architecture']}, {manifest['parameter_count']:,} parameters,"
-        f" {manifest['dtype']}, {manifest['total_bytes']:,} bytes"
+        f" {manifest['dtype']}{quantized}, {manifest['total_bytes']:,} bytes"
     )
     return 0
 

@@ -20,6 +20,7 @@ from snapshot import manifest as mf
 from snapshot.device_copy import plan_copy, stream_into
 from snapshot.errors import SnapshotError
 from snapshot.page_cache import prefetch_into_page_cache
+from snapshot.quant.format import QuantizedTensor, from_manifest
 from snapshot.tensorfile import TensorEntry, TensorFile, read_header
 
 # Part of the loader's API; it lives apart so it can run before torch is imported.
@@ -32,7 +33,8 @@ class LoadedSnapshot:
     manifest: dict[str, Any]
     config: dict[str, Any]
     generation_config: dict[str, Any]
-    weights: dict[str, torch.Tensor]
+    # Dense tensors, and a QuantizedTensor for each weight the manifest's "quantization" names.
+    weights: dict[str, torch.Tensor | QuantizedTensor]
     timings: dict[str, float]
     # The mmaps or the device buffer the weights view; they live as long as this object.
     backing: list[Any] = field(default_factory=list, repr=False)
@@ -60,6 +62,7 @@ def load_snapshot(
         weights, backing = _map_files(files)
     else:
         weights, backing = _stream_files(files, target, timings)
+    weights = _assemble_quantized(manifest, weights)
     timings["total_s"] = time.perf_counter() - start
     timings["bytes"] = float(sum(f.data_bytes for f in files))
     return LoadedSnapshot(path, manifest, config, generation_config, weights, timings, backing)
@@ -89,6 +92,20 @@ def _check_against_manifest(manifest: dict[str, Any], files: list[TensorFile]) -
     for name, listed in manifest["tensors"].items():
         if name not in found:
             raise SnapshotError(f"{listed.get('file')}: tensor {name} is missing")
+
+
+def _assemble_quantized(
+    manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """Replace each quantized weight's parts by one QuantizedTensor under the weight's name."""
+    quantization = manifest.get("quantization") or {}
+    weights: dict[str, torch.Tensor | QuantizedTensor] = dict(tensors)
+    for name, entry in quantization.items():
+        weights[name] = from_manifest(name, entry, tensors)
+        for key in ("qweight", "scales", "offsets"):
+            if entry.get(key) is not None:
+                weights.pop(entry[key], None)
+    return weights
 
 
 def _map_files(files: list[TensorFile]) -> tuple[dict[str, torch.Tensor], list[Any]]:

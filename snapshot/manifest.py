@@ -15,7 +15,10 @@ from typing import Any
 from snapshot.errors import SnapshotError
 
 FORMAT_VERSION = 1
-KNOWN_FORMAT_VERSIONS = frozenset({1})
+# Version 2 adds "quantization" (snapshot/quant/format.py): a reader of version 1 would see the
+# quantized parts as unknown tensors, so such snapshots say 2 and dense ones stay 1.
+QUANTIZED_FORMAT_VERSION = 2
+KNOWN_FORMAT_VERSIONS = frozenset({1, 2})
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -95,7 +98,31 @@ def parse_manifest(value: Any) -> dict[str, Any]:
     for key in ("architecture", "dtype"):
         if not isinstance(value.get(key), str):
             raise SnapshotError(f"{MANIFEST}: '{key}' is missing")
+    _check_quantization(value, version)
     return value
+
+
+def _check_quantization(value: dict[str, Any], version: int) -> None:
+    """Each quantized weight names its parts, and every part is one of the listed tensors."""
+    quantization = value.get("quantization")
+    if quantization is None:
+        if version == QUANTIZED_FORMAT_VERSION:
+            raise SnapshotError(f"{MANIFEST}: format_version 2 without 'quantization'")
+        return
+    if version != QUANTIZED_FORMAT_VERSION or not isinstance(quantization, dict):
+        raise SnapshotError(f"{MANIFEST}: 'quantization' needs format_version 2 and an object")
+    tensors = value["tensors"]
+    for name, entry in quantization.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("scheme"), str):
+            raise SnapshotError(f"{MANIFEST}: quantization of {name} has no 'scheme'")
+        for key in ("qweight", "scales", "offsets"):
+            part = entry.get(key)
+            if part is None and key == "offsets":
+                continue
+            if not isinstance(part, str) or part not in tensors:
+                raise SnapshotError(
+                    f"{MANIFEST}: quantization of {name}: {key} {part!r} is not a listed tensor"
+                )
 
 
 def _check_name(kind: str, name: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ class Source:
 
 @dataclass
 class SourceModel:
-    """A source loaded through transformers, weights already in the serving dtype."""
+    """A source loaded through transformers, dense weights already in the serving dtype."""
 
     source: Source
     architecture: str
@@ -47,6 +49,9 @@ class SourceModel:
     generation_config: dict[str, Any]
     state: dict[str, Any]  # tensor name -> torch.Tensor
     tokenizer: Any  # a transformers fast tokenizer
+    # weight name -> snapshot.quant.format.QuantizedTensor; these names are not in `state`.
+    quantized: dict[str, Any] = field(default_factory=dict)
+    quantization: str | None = None  # how `quantized` was made, for the manifest
 
 
 def default_gguf() -> Path:
@@ -121,8 +126,13 @@ def resolve(argument: str, cache_dir: Path | None = None) -> Source:
     return Source(path, None, f"Hugging Face directory {path.resolve()}")
 
 
-def load(source: Source, dtype_name: str) -> SourceModel:
+def load(source: Source, dtype_name: str, quantize: str = "auto") -> SourceModel:
+    """quantize: "auto" ("source" for quantized checkpoints, else "none"); "none" (every
+    weight dense in dtype_name); "source" (keep the source's own quantized blocks: GGUF, AWQ,
+    GPTQ, compressed-tensors, FP8); "int8"/"int4" (round to nearest from the dense weights)."""
     import torch
+
+    from snapshot.quant.checkpoints import detect_scheme, read_config
 
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -133,6 +143,9 @@ def load(source: Source, dtype_name: str) -> SourceModel:
         ) from exc
 
     dtype = getattr(torch, dtype_name)
+    # Checked before transformers reads the config, which trips over a malformed one. read_config
+    # also folds in the quantize_config.json older AWQ/GPTQ tools wrote.
+    scheme = None if source.gguf_file else detect_scheme(read_config(source.directory))
     gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.directory, **gguf)
@@ -140,6 +153,13 @@ def load(source: Source, dtype_name: str) -> SourceModel:
         raise SnapshotError(f"{source.description}: cannot read the model config ({exc})") from exc
     architecture = _architecture(config)
     check_supported(architecture)
+    if quantize == "auto":
+        # A quantized checkpoint is served as it is; GGUF and dense sources stay dense.
+        quantize = "source" if scheme is not None else "none"
+    if scheme is not None:
+        return _load_quantized_checkpoint(source, config, architecture, dtype_name, quantize)
+    if quantize == "source" and not source.gguf_file:
+        raise SnapshotError(f"--quantize source: {source.description} is not quantized")
     try:
         if source.gguf_file:
             # De-quantize in float32 and round once to the serving dtype; de-quantizing straight
@@ -156,15 +176,108 @@ def load(source: Source, dtype_name: str) -> SourceModel:
     except Exception as exc:  # noqa: BLE001 - loaders of third-party files raise anything
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise SnapshotError(f"{source.description}: cannot load ({first_line})") from exc
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise SnapshotError(f"{source.description}: no fast tokenizer (tokenizer.json) to serve")
+    _check_fast(tokenizer, source)
+    state = _dense_state(model)
+    quantized, how = _quantize(source, state, model.config.to_dict(), quantize)
     return SourceModel(
         source=source,
         architecture=architecture,
         config=_serving_config(model.config.to_dict(), architecture, dtype_name),
-        generation_config=_generation_config(model, tokenizer),
-        state=_serving_state(model, dtype),
+        generation_config=_generation_config(
+            model.generation_config, model.config.eos_token_id, tokenizer
+        ),
+        state=_cast(state, quantized, dtype),
         tokenizer=tokenizer,
+        quantized=quantized,
+        quantization=how,
+    )
+
+
+def _check_fast(tokenizer: Any, source: Source) -> None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise SnapshotError(f"{source.description}: no fast tokenizer (tokenizer.json) to serve")
+
+
+def _quantize(
+    source: Source, state: dict[str, Any], config: dict[str, Any], quantize: str
+) -> tuple[dict[str, Any], str | None]:
+    """The weights to store quantized, from a dense state (float32 for GGUF sources), and a
+    line saying how they were made."""
+    if quantize == "none":
+        return {}, None
+    if quantize == "source":
+        from snapshot.quant.gguf_blocks import convert_gguf
+
+        assert source.gguf_file is not None
+        result = convert_gguf(source.directory / source.gguf_file, state, config)
+        if not result.tensors:
+            raise SnapshotError(f"--quantize source: {source.description} has no block we serve")
+        for name, reason in sorted(result.skipped.items()):
+            print(f"warning: {name} stays dense: {reason}", file=sys.stderr)
+        types = ", ".join(f"{count} {kind}" for kind, count in sorted(result.types.items()))
+        return result.tensors, f"GGUF blocks re-packed ({types})"
+    from snapshot.quant.rtn import quantized_state
+
+    quantized = quantized_state(state, config, quantize)
+    return quantized, f"round to nearest: {describe(quantized)}"
+
+
+def describe(quantized: dict[str, Any]) -> str:
+    """'int4 g32 x210, int8 g128 x1': the schemes of a set of quantized weights."""
+    counts = Counter(f"{q.scheme} g{q.block[1]}" for q in quantized.values())
+    return ", ".join(f"{kind} x{count}" for kind, count in sorted(counts.items()))
+
+
+def _cast(state: dict[str, Any], quantized: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    return {
+        name: tensor.detach().to(dtype).contiguous()
+        for name, tensor in state.items()
+        if name not in quantized
+    }
+
+
+def _load_quantized_checkpoint(
+    source: Source, config: Any, architecture: str, dtype_name: str, quantize: str
+) -> SourceModel:
+    """AWQ, GPTQ, compressed-tensors and FP8 directories: transformers cannot load most of them
+    on a CPU, so the weights are read by snapshot.quant.checkpoints and only the tokenizer and
+    the generation config come through transformers."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from snapshot.quant.checkpoints import load_quantized_checkpoint
+
+    checkpoint = load_quantized_checkpoint(source.directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    except Exception as exc:  # noqa: BLE001 - loaders of third-party files raise anything
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SnapshotError(f"{source.description}: cannot load ({first_line})") from exc
+    _check_fast(tokenizer, source)
+    try:
+        generation = GenerationConfig.from_pretrained(source.directory)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    dtype = getattr(torch, dtype_name)
+    state = dict(checkpoint.dense)
+    quantized = dict(checkpoint.quantized)
+    how: str | None = checkpoint.scheme
+    if config.get_text_config().tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        quantized.pop("lm_head.weight", None)
+    if quantize != "source":
+        # De-quantized in float32: dense serving, or the start of a re-quantization.
+        state.update({name: qt.dequantize(torch.float32) for name, qt in quantized.items()})
+        quantized, how = _quantize(source, state, config.to_dict(), quantize)
+    return SourceModel(
+        source=source,
+        architecture=architecture,
+        config=_serving_config(config.to_dict(), architecture, dtype_name),
+        generation_config=_generation_config(generation, config.eos_token_id, tokenizer),
+        state=_cast(state, quantized, dtype),
+        tokenizer=tokenizer,
+        quantized=quantized,
+        quantization=how,
     )
 
 
@@ -188,10 +301,10 @@ def _serving_config(config: dict[str, Any], architecture: str, dtype_name: str) 
     return config
 
 
-def _generation_config(model: Any, tokenizer: Any) -> dict[str, Any]:
-    generation = model.generation_config.to_diff_dict()
+def _generation_config(generation_config: Any, config_eos: Any, tokenizer: Any) -> dict[str, Any]:
+    generation = generation_config.to_diff_dict()
     eos: list[int] = []
-    for ids in (generation.get("eos_token_id"), model.config.eos_token_id, tokenizer.eos_token_id):
+    for ids in (generation.get("eos_token_id"), config_eos, tokenizer.eos_token_id):
         for token in ids if isinstance(ids, list) else [ids]:
             if isinstance(token, int) and token not in eos:
                 eos.append(token)
@@ -199,10 +312,10 @@ def _generation_config(model: Any, tokenizer: Any) -> dict[str, Any]:
     return generation
 
 
-def _serving_state(model: Any, dtype: Any) -> dict[str, Any]:
+def _dense_state(model: Any) -> dict[str, Any]:
     state = model.state_dict()
     tied = model.config.get_text_config().tie_word_embeddings
     if tied:
         # Stored once: readers tie lm_head to the embeddings, as config.json says.
         state.pop("lm_head.weight", None)
-    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
+    return state

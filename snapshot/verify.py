@@ -81,8 +81,21 @@ def _check_tensors(directory: Path, manifest: dict[str, Any], damaged: set[str])
         for name, entry in header.tensors.items():
             found[name] = (file, entry.dtype, entry.shape)
     want_dtype = manifest["dtype"]
+    quantization = manifest.get("quantization") or {}
+    parts = {
+        entry[key]
+        for entry in quantization.values()
+        for key in ("qweight", "scales", "offsets")
+        if entry.get(key)
+    }
     for name, shape in required.items():
         listed = manifest["tensors"].get(name)
+        if name in quantization:
+            entry = quantization[name]
+            parts_files = {manifest["tensors"][entry[k]]["file"] for k in _parts(entry)}
+            if not parts_files & damaged:  # a damaged file is reported once, above
+                problems += _check_quantized(directory, name, entry, shape, found)
+            continue
         if name not in found:
             where = listed.get("file") if isinstance(listed, dict) else None
             if where not in damaged:
@@ -95,10 +108,70 @@ def _check_tensors(directory: Path, manifest: dict[str, Any], damaged: set[str])
             )
         if dtype != want_dtype:
             problems.append(f"{file}: tensor {name} is {dtype}, the snapshot dtype is {want_dtype}")
-    for name in sorted(found.keys() - required.keys()):
+    for name in sorted(quantization.keys() - required.keys()):
+        problems.append(f"{mf.MANIFEST}: quantized weight {name} is not part of the architecture")
+    for name in sorted(found.keys() - required.keys() - parts):
         architecture = manifest["architecture"]
         problems.append(f"{found[name][0]}: tensor {name} is not part of {architecture}")
     return problems
+
+
+def _check_quantized(
+    directory: Path,
+    name: str,
+    entry: dict[str, Any],
+    shape: tuple[int, ...],
+    found: dict[str, tuple[str, str, tuple[int, ...]]],
+) -> list[str]:
+    """The parts exist with the shapes and dtypes the scheme needs, the logical shape is the
+    architecture's, and the scales and offsets are finite numbers (a flipped exponent bit in a
+    scale would otherwise pass unnoticed where a checksum was recomputed)."""
+    import torch
+
+    from snapshot.quant.format import check_finite_scales, from_manifest
+
+    keys = _parts(entry)
+    missing = [entry[k] for k in keys if entry[k] not in found]
+    if missing:
+        return [f"weights: tensor {part} is missing" for part in missing]
+    meta = {
+        entry[k]: torch.empty(
+            found[entry[k]][2], dtype=getattr(torch, found[entry[k]][1]), device="meta"
+        )
+        for k in keys
+    }
+    try:
+        quantized = from_manifest(name, entry, meta)
+    except SnapshotError as exc:
+        return [f"{found[entry['qweight']][0]}: {exc}"]
+    if tuple(quantized.shape) != tuple(shape):
+        return [
+            f"{found[entry['qweight']][0]}: quantized {name} has shape {list(quantized.shape)},"
+            f" expected {list(shape)}"
+        ]
+    quantized.scales = _read_tensor(directory, found[entry["scales"]][0], entry["scales"])
+    if entry.get("offsets"):
+        quantized.offsets = _read_tensor(directory, found[entry["offsets"]][0], entry["offsets"])
+    problem = check_finite_scales(name, quantized)
+    return [f"{found[entry['scales']][0]}: {problem}"] if problem else []
+
+
+def _parts(entry: dict[str, Any]) -> list[str]:
+    return [key for key in ("qweight", "scales", "offsets") if entry.get(key)]
+
+
+def _read_tensor(directory: Path, file: str, name: str) -> Any:
+    """One (small) tensor's values, read from its file without mapping the rest."""
+    import torch
+
+    header = read_header(directory / file)
+    entry = header.tensors[name]
+    with open(directory / file, "rb") as f:
+        f.seek(header.data_start + entry.begin)
+        raw = bytearray(f.read(entry.nbytes))
+    if not raw:
+        return torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+    return torch.frombuffer(raw, dtype=getattr(torch, entry.dtype)).view(entry.shape)
 
 
 def _check_tokenizer(path: Path) -> list[str]:

@@ -33,6 +33,7 @@ from handler.engine.scheduler import Scheduler
 from handler.engine.sequence import Sequence
 from handler.kernels.cpu import load_cpu_kernels
 from handler.model import LlamaModel, MissingWeightError, ModelConfig
+from snapshot.quant.format import QuantizedTensor
 from warmup.cuda_graphs import CaptureTiming
 from warmup.kv_sizing import cuda_free_bytes, measured_headroom
 from warmup.warm_start import GpuKind
@@ -42,7 +43,7 @@ class LLMEngine:
     def __init__(
         self,
         model_config: ModelConfig,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor | QuantizedTensor],
         eos_token_ids: list[int],
         config: EngineConfig,
         on_phase: Callable[[str], None] | None = None,
@@ -59,7 +60,9 @@ class LLMEngine:
         device = resolve_device(config.device)
         if "model.embed_tokens.weight" not in weights:
             raise MissingWeightError("weight 'model.embed_tokens.weight' is missing")
-        dtype = weights["model.embed_tokens.weight"].dtype
+        embed = weights["model.embed_tokens.weight"]
+        # A quantized table has no serving dtype of its own; the final norm always has it.
+        dtype = (embed if isinstance(embed, torch.Tensor) else weights["model.norm.weight"]).dtype
         if config.dtype is not None:
             dtype = getattr(torch, config.dtype)
         context = model_config.max_position_embeddings

@@ -18,8 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The fused kernels and the matrix multiply, one library.
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_gemm.c")]
+# The fused kernels, the matrix multiply and its int8/int4-weight variant, one library.
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_gemm.c", "cpu_qgemm.c")
+]
+# Included by the sources: part of the cache key, not of the command line.
+HEADERS = [Path(__file__).with_name("cpu_gemm_tile.h")]
 LIBRARY_NAME = "libthaw_cpu_kernels.so"
 # -fopenmp: parallel loops on torch's own OpenMP runtime (same libgomp soname, loaded first).
 # -fno-math-errno lets expf vectorise. No -ffast-math: NaN/inf must behave.
@@ -61,7 +65,7 @@ def library_path(
 ) -> Path:
     """Where the library for this source, compiler, target and CPU lives (built or not)."""
     key = hashlib.sha256()
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     for part in (*sources, " ".join([*FLAGS, march]).encode(), (cc or "").encode()):
         key.update(part)
         key.update(b"\0")

@@ -12,10 +12,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from handler.kernels.build import KernelBuildError, build, compiler, library_path
+
+if TYPE_CHECKING:
+    from snapshot.quant.format import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,60 @@ _ptr = ctypes.c_void_p
 _f32 = ctypes.c_float
 # The gated MLP activations the kernel computes (ModelConfig.activation's names).
 GATED_ACTIVATIONS = ("silu", "gelu_tanh")
+# cpu_qgemm.c's flags: int4 (else int8), float16 scales/offsets (else float32), offsets present,
+# every q * s exact in float32.
+_Q_INT4, _Q_HALF, _Q_OFFSETS, _Q_FMA = 1, 2, 4, 8
+_QWEIGHT_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
+
+
+# eq=False: comparing would compare the packed tensors; identity is what matters.
+@dataclass(frozen=True, eq=False)
+class QGemmWeight:
+    """A quantized linear weight [n, k] packed for qgemm (cpu_qgemm.c's panels), and its format.
+
+    packed: opaque 1-D uint8 buffer; scheme "int8" or "int4"; group: columns per scale (the
+    last group may be shorter when k % group); half_scales: scales/offsets kept as float16;
+    offsets: whether W = q * s + o (else q * s); exact_products: every q * s is exact in
+    float32 (float16 scales always are), so the kernel computes q * s + o as one fused
+    multiply-add, which then rounds exactly as the separate multiply and add do.
+    """
+
+    packed: torch.Tensor
+    scheme: str
+    n: int
+    k: int
+    group: int
+    half_scales: bool
+    offsets: bool
+    exact_products: bool = False
+
+    @property
+    def flags(self) -> int:
+        return _qgemm_flags(self.scheme, self.half_scales, self.offsets, self.exact_products)
+
+
+def _qgemm_flags(scheme: str, half_scales: bool, offsets: bool, exact: bool = False) -> int:
+    """cpu_qgemm.c's format flags."""
+    return (
+        (_Q_INT4 if scheme == "int4" else 0)
+        | (_Q_HALF if half_scales else 0)
+        | (_Q_OFFSETS if offsets else 0)
+        | (_Q_FMA if exact else 0)
+    )
+
+
+def _exact_products(scales: torch.Tensor, scheme: str) -> bool:
+    """Whether q * s is exact in float32 for every scale: q has at most 8 significant bits (4
+    for int4), so s may have at most 16 (20), i.e. its low 8 (4) mantissa bits are zero, and
+    must be normal (or zero) and finite. float16 scales always qualify."""
+    if scales.dtype == torch.float16:
+        return True
+    bits = scales.contiguous().view(torch.int32)
+    low = (1 << (4 if scheme == "int4" else 8)) - 1
+    exponent = (bits >> 23) & 0xFF
+    zero = (bits & 0x7FFFFFFF) == 0
+    ok = ((bits & low) == 0) & (((exponent != 0) & (exponent != 0xFF)) | zero)
+    return bool(ok.all())
 
 
 class CpuKernels:
@@ -67,6 +127,18 @@ class CpuKernels:
         self._gemm = lib.thaw_gemm
         self._gemm.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
         self._gemm.restype = ctypes.c_int
+        # int8/int4 weights de-quantized inside the multiply (cpu_qgemm.c); AVX-512 BF16 too.
+        self.qgemm_available = bool(lib.thaw_qgemm_available())
+        self._qgemm_size = lib.thaw_qgemm_packed_bytes
+        self._qgemm_size.argtypes = [_i64, _i64, _i64, ctypes.c_int]
+        self._qgemm_size.restype = _i64
+        self._qgemm_pack = lib.thaw_qgemm_pack
+        self._qgemm_pack.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int, _ptr]
+        self._qgemm_pack.restype = None
+        self._qgemm = lib.thaw_qgemm
+        self._qgemm.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
+        self._qgemm.argtypes += [ctypes.c_int]
+        self._qgemm.restype = ctypes.c_int
 
     def add_rms_norm(
         self,
@@ -169,6 +241,129 @@ class CpuKernels:
                 out_features,
                 k,
             )
+        return out
+
+    def pack_qgemm_weight(self, qt: QuantizedTensor) -> QGemmWeight:
+        """An int8 or int4 QuantizedTensor [n, k] (block [1, g], g even, k even) -> the packed
+        weight qgemm() reads. A last group shorter than g (k % g) is fine. Raises ValueError for
+        another scheme (fp8), block, odd g or k, and parts of the wrong dtype or shape."""
+        if not self.qgemm_available:
+            raise ValueError("this kernel build has no quantized matrix multiply (AVX-512 BF16)")
+        if qt.scheme not in _QWEIGHT_DTYPES:
+            raise ValueError(f"qgemm serves int8 and int4 weights, not {qt.scheme!r}")
+        n, k = qt.shape
+        bn, group = qt.block
+        if bn != 1:
+            raise ValueError(f"qgemm needs groups along a row (block [1, g]), got {list(qt.block)}")
+        if group < 2 or group % 2:
+            raise ValueError(f"qgemm needs an even group size >= 2, got {group}")
+        if n < 1 or k < 2 or k % 2:
+            raise ValueError(f"weight must be [n >= 1, k] with k even and >= 2, got [{n}, {k}]")
+        dtype = _QWEIGHT_DTYPES[qt.scheme]
+        qshape = (n, k // 2) if qt.scheme == "int4" else (n, k)
+        q = qt.qweight
+        if q.dtype != dtype or q.device.type != "cpu" or tuple(q.shape) != qshape:
+            raise ValueError(
+                f"{qt.scheme} qweight must be a {dtype} CPU tensor of {list(qshape)}, "
+                f"got {q.dtype} {list(q.shape)} on {q.device}"
+            )
+        grid = (n, math.ceil(k / group))
+        scales, offsets = qt.scales, qt.offsets
+        if scales.dtype not in (torch.float16, torch.float32) or tuple(scales.shape) != grid:
+            raise ValueError(
+                f"scales must be float16 or float32 of {list(grid)}, "
+                f"got {scales.dtype} {list(scales.shape)}"
+            )
+        if scales.device.type != "cpu":
+            raise ValueError("scales must be a CPU tensor")
+        if offsets is None and qt.scheme == "int4":
+            raise ValueError("int4 needs offsets (its values are unsigned)")
+        if offsets is not None and (
+            offsets.dtype != scales.dtype
+            or tuple(offsets.shape) != grid
+            or offsets.device.type != "cpu"
+        ):
+            raise ValueError("offsets must be CPU tensors of the scales' dtype and shape")
+        half = scales.dtype == torch.float16
+        exact = _exact_products(scales, qt.scheme)
+        flags = _qgemm_flags(qt.scheme, half, offsets is not None, exact)
+        packed = torch.empty(self._qgemm_size(n, k, group, flags), dtype=torch.uint8)
+        q, scales = q.contiguous(), scales.contiguous()
+        offsets = None if offsets is None else offsets.contiguous()
+        self._qgemm_pack(
+            q.data_ptr(),
+            scales.data_ptr(),
+            None if offsets is None else offsets.data_ptr(),
+            n,
+            k,
+            group,
+            flags,
+            packed.data_ptr(),
+        )
+        return QGemmWeight(packed, qt.scheme, n, k, group, half, offsets is not None, exact)
+
+    def qgemm(
+        self,
+        x: torch.Tensor,
+        weight: QGemmWeight,
+        bias: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """x [rows, k] . W^T (+ bias) -> bf16 [rows, n], W the quantized weight packed by
+        pack_qgemm_weight; bias float32 [n] or None. Bit-identical to gemm() on W de-quantized
+        in float32 and rounded to bf16.
+
+        x's rows may be strided (a slice of a wider tensor); its columns must be contiguous.
+        """
+        if check and x.dim() != 2:
+            raise ValueError(f"x must be [rows, k], got {x.dim()} dimensions")
+        if check and not isinstance(weight, QGemmWeight):
+            raise ValueError("weight must be a QGemmWeight from pack_qgemm_weight")
+        rows, k = x.shape
+        n = weight.n
+        if check:
+            _check_bf16(x, "x")
+            if x.stride(1) != 1 or (rows > 1 and x.stride(0) < k) or k % 2:
+                raise ValueError("x must be [rows, k] with contiguous columns and k even")
+            if not self.qgemm_available:
+                raise ValueError("this kernel build has no quantized matrix multiply")
+            packed = weight.packed
+            size = self._qgemm_size(n, weight.k, weight.group, weight.flags)
+            if (
+                k != weight.k
+                or packed.dtype != torch.uint8
+                or packed.device.type != "cpu"
+                or packed.dim() != 1
+                or not packed.is_contiguous()
+                or packed.numel() != size
+            ):
+                raise ValueError(f"packed weight does not hold [{n}, {k}]")
+            if bias is not None and (
+                bias.dtype != torch.float32
+                or bias.device.type != "cpu"
+                or bias.shape != (n,)
+                or bias.stride(0) != 1
+            ):
+                raise ValueError(f"bias must be a contiguous float32 tensor of {n}")
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        if rows:
+            status = self._qgemm(
+                x.data_ptr(),
+                x.stride(0),
+                weight.packed.data_ptr(),
+                None if bias is None else bias.data_ptr(),
+                out.data_ptr(),
+                n,
+                rows,
+                n,
+                k,
+                weight.group,
+                weight.flags,
+            )
+            if status == -2:
+                raise MemoryError("qgemm could not allocate its scratch panel")
+            if status != 0:
+                raise ValueError("this kernel build has no quantized matrix multiply")
         return out
 
     def gated_mul(

@@ -16,14 +16,11 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_gemm_tile.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define THAW_GEMM 1
 #endif
-
-typedef uint16_t bf16;
-
-enum { PANEL_COLS = 48, TILE_ROWS = 8 };
 
 /* 1 when this build has the kernel (it needs AVX-512 BF16), else 0 and thaw_gemm refuses. */
 int thaw_gemm_available(void) {
@@ -73,9 +70,7 @@ static inline __attribute__((always_inline)) void gemm_tile(
     const char *prefetch, int64_t prefetch_step, int prefetch_two, const float *bias, bf16 *c,
     int64_t ldc, int64_t cols) {
     __m512 acc[TILE_ROWS][3];
-#pragma GCC unroll 8
-    for (int i = 0; i < rows; i++)
-        for (int b = 0; b < 3; b++) acc[i][b] = _mm512_setzero_ps();
+    tile_zero(rows, acc);
     for (int64_t q = 0; q < pairs; q++) {
         const bf16 *wq = panel + q * PANEL_COLS * 2;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wq);
@@ -86,29 +81,9 @@ static inline __attribute__((always_inline)) void gemm_tile(
             _mm_prefetch(line, _MM_HINT_T1);
             if (prefetch_two) _mm_prefetch(line + 64, _MM_HINT_T1);
         }
-#pragma GCC unroll 8
-        for (int i = 0; i < rows; i++) {
-            int32_t pair;
-            memcpy(&pair, a + i * lda + 2 * q, sizeof pair);
-            __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, w0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, w1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], ai, w2);
-        }
+        tile_pair(rows, acc, a, lda, q, w0, w1, w2);
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < rows; i++) {
-        for (int b = 0; b < 3; b++) {
-            int64_t left = cols - b * 16;
-            if (left <= 0) break;
-            __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-            __m512 sum = acc[i][b];
-            if (bias) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias + b * 16));
-            /* VCVTNEPS2BF16: round to nearest even, as torch's float -> bf16. */
-            __m256i out = (__m256i)_mm512_cvtneps_pbh(sum);
-            _mm256_mask_storeu_epi16(c + i * ldc + b * 16, mask, out);
-        }
-    }
+    tile_store(rows, acc, bias, c, ldc, cols);
 }
 #endif
 

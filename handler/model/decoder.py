@@ -13,7 +13,6 @@ small batches, and every avoided module call and reshape counts.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from handler.attention.base import AttentionBackend, AttentionMetadata
 from handler.kernels.cpu import CpuKernels
@@ -22,7 +21,7 @@ from handler.model.kv_layout import KVLayout
 from handler.model.moe import activate, moe_mlp
 from handler.model.norms import apply_norm
 from handler.model.rope import RotaryEmbedding, apply_rotary
-from handler.model.weights import LayerWeights, load_weights
+from handler.model.weights import LayerWeights, embed_tokens, load_weights
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 RopeRows = tuple[torch.Tensor, torch.Tensor]
@@ -92,7 +91,7 @@ class DecoderModel:
         local = rope
         if self.local_rope is not None:
             local = self.local_rope.lookup(self.local_rope.rows(positions, spans))
-        hidden = F.embedding(input_ids, self.weights.embed)
+        hidden = embed_tokens(self.weights.embed, input_ids, self.dtype)
         if self._embed_scale is not None:
             hidden = hidden * self._embed_scale
         # The residual stream is this step's own tensor (embedding output): adding in place

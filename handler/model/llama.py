@@ -14,7 +14,7 @@ from handler.attention.base import AttentionBackend, AttentionMetadata
 from handler.kernels.cpu import CpuKernels, check_range
 from handler.model.config import ModelConfig
 from handler.model.decoder import DecoderModel, KVCaches
-from handler.model.weights import LayerWeights
+from handler.model.weights import LayerWeights, embed_tokens
 
 __all__ = ["KVCaches", "LlamaModel"]
 
@@ -110,7 +110,7 @@ class LlamaModel(DecoderModel):
             backend.prepare(group_meta)
         # The residual stream stays float32 (each layer's bf16 outputs added unrounded): the
         # rounding of bf16 residual adds is the main drift from float32 results otherwise.
-        hidden = F.embedding(input_ids, self.weights.embed).float()
+        hidden = embed_tokens(self.weights.embed, input_ids, self.dtype).float()
         if self._embed_scale is not None:
             hidden.mul_(float(self._embed_scale))  # the scale rounded as transformers rounds it
         num_tokens = hidden.shape[0]

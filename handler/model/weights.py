@@ -11,9 +11,10 @@ import torch
 
 from handler.kernels.cpu import CpuKernels
 from handler.model.config import ModelConfig
-from handler.model.linear import Linear, make_linear
+from handler.model.linear import Linear, make_linear, make_quantized_linear, make_stacked_linear
 from handler.model.moe import ExpertWeights, SharedExpert
 from handler.model.norms import norm_weight
+from snapshot.quant.format import QuantizedTensor
 
 
 @dataclass
@@ -33,7 +34,7 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor
+    embed: torch.Tensor | QuantizedTensor  # quantized tables de-quantize the rows looked up
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: Linear
@@ -43,9 +44,18 @@ class MissingWeightError(ValueError):
     """A tensor the config calls for is absent from the weights."""
 
 
+def embed_tokens(
+    embed: torch.Tensor | QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The embedding rows of `ids`, in `dtype`."""
+    if isinstance(embed, QuantizedTensor):
+        return embed.rows(ids, dtype)
+    return torch.nn.functional.embedding(ids, embed)
+
+
 def load_weights(
     config: ModelConfig,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor | QuantizedTensor],
     dtype: torch.dtype,
     device: torch.device,
     pack: bool = True,
@@ -54,33 +64,43 @@ def load_weights(
     """pack: let linear layers pack their weights where that is faster (see linear.py);
     kernels: the CPU kernels, whose matrix multiply is the fastest packing where it runs."""
 
-    def take(name: str) -> torch.Tensor:
+    def stored(name: str) -> torch.Tensor | QuantizedTensor:
+        """A weight on the device: dense in dtype, or quantized as stored."""
         if name not in tensors:
             raise MissingWeightError(f"weight {name!r} is missing")
-        return tensors[name].to(device=device, dtype=dtype)
+        tensor = tensors[name]
+        if isinstance(tensor, QuantizedTensor):
+            return tensor.to(device)
+        return tensor.to(device=device, dtype=dtype)
+
+    def take(name: str) -> torch.Tensor:
+        tensor = stored(name)
+        if isinstance(tensor, QuantizedTensor):
+            return tensor.dequantize(torch.float32).to(dtype)
+        return tensor
 
     def maybe(name: str, wanted: bool) -> torch.Tensor | None:
         return take(name) if wanted else None
 
-    def stacked(names: list[str]) -> torch.Tensor:
-        return torch.cat([take(n) for n in names], dim=0).contiguous()
-
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    def linear(weight: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None) -> Linear:
+        if isinstance(weight, QuantizedTensor):
+            return make_quantized_linear(weight, bias, dtype, pack, kernels)
         return make_linear(weight, bias, pack, kernels)
+
+    def stacked_linear(prefixes: list[str], bias: bool) -> Linear:
+        biases = [take(f"{p}.bias") for p in prefixes] if bias else None
+        parts = [stored(f"{p}.weight") for p in prefixes]
+        return make_stacked_linear(parts, biases, dtype, pack, kernels)
 
     def norm(name: str) -> torch.Tensor:
         return norm_weight(take(name), config.norm_plus_one)
 
     def dense(prefix: str, bias: bool) -> tuple[Linear, Linear]:
         if config.fused_projections:
-            gate_up = linear(take(f"{prefix}.gate_up_proj.weight"), None)
+            gate_up = linear(stored(f"{prefix}.gate_up_proj.weight"), None)
         else:
-            names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-            gate_up = linear(
-                stacked([f"{n}.weight" for n in names]),
-                stacked([f"{n}.bias" for n in names]) if bias else None,
-            )
-        down = linear(take(f"{prefix}.down_proj.weight"), maybe(f"{prefix}.down_proj.bias", bias))
+            gate_up = stacked_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias)
+        down = linear(stored(f"{prefix}.down_proj.weight"), maybe(f"{prefix}.down_proj.bias", bias))
         return gate_up, down
 
     def experts(prefix: str) -> ExpertWeights:
@@ -101,13 +121,9 @@ def load_weights(
         p = f"model.layers.{i}"
         attn, mlp = f"{p}.self_attn", f"{p}.mlp"
         if config.fused_projections:
-            qkv = linear(take(f"{attn}.qkv_proj.weight"), None)
+            qkv = linear(stored(f"{attn}.qkv_proj.weight"), None)
         else:
-            names = [f"{attn}.{x}_proj" for x in "qkv"]
-            qkv = linear(
-                stacked([f"{n}.weight" for n in names]),
-                stacked([f"{n}.bias" for n in names]) if config.qkv_bias else None,
-            )
+            qkv = stacked_linear([f"{attn}.{x}_proj" for x in "qkv"], config.qkv_bias)
         gate_up, down = (None, None) if has_experts else dense(mlp, config.mlp_bias)
         sandwich = config.sandwich_norms
         layers.append(
@@ -115,7 +131,7 @@ def load_weights(
                 input_norm=norm(f"{p}.input_layernorm.weight"),
                 qkv=qkv,
                 o=linear(
-                    take(f"{attn}.o_proj.weight"), maybe(f"{attn}.o_proj.bias", config.o_bias)
+                    stored(f"{attn}.o_proj.weight"), maybe(f"{attn}.o_proj.bias", config.o_bias)
                 ),
                 # Gemma's post_attention_layernorm normalises the attention output; its MLP
                 # input norm is pre_feedforward_layernorm.
@@ -133,10 +149,10 @@ def load_weights(
                 experts=experts(mlp) if has_experts else None,
             )
         )
-    embed = take("model.embed_tokens.weight")
+    embed = stored("model.embed_tokens.weight")
     return ModelWeights(
         embed=embed,
         layers=layers,
         norm=norm("model.norm.weight"),
-        lm_head=linear(embed if config.tie_word_embeddings else take("lm_head.weight"), None),
+        lm_head=linear(embed if config.tie_word_embeddings else stored("lm_head.weight"), None),
     )

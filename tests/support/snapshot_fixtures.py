@@ -108,6 +108,18 @@ def ensure_gemma3_snapshot() -> Path:
     return GEMMA3_SNAPSHOT
 
 
+def ensure_snapshot(name: str, source: str, *options: str) -> Path:
+    """.thaw/snapshots/NAME built once per checkout with `thaw snapshot build` and `options`
+    (quantized variants of the packaged models, say)."""
+    directory = REPO / ".thaw" / "snapshots" / name
+    if not (directory / "manifest.json").is_file():
+        env = dict(os.environ, THAW_GGUF_CACHE=str(GGUF_CACHE))
+        cmd = [sys.executable, "-m", "thaw.cli", "snapshot", "build", "--from", source]
+        cmd += ["--out", str(directory), *options]
+        subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=900)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,54 +18,21 @@ import torch
 
 from handler.attention.base import AttentionMetadata
 from tests.handler.attention import paged_reference as ref
+from tests.support.triton_interpreter import fresh_process_test, import_kernels
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 
 
-def _kernels_in_this_process():
-    """Import triton_paged, under the interpreter when there is no GPU; None if that is impossible.
-
-    The interpreter must be chosen before triton itself is first imported (triton.language's own
-    helpers are decorated then), so an earlier test module that imported triton rules it out.
-    """
-    if ON_CUDA:
-        from handler.attention import triton_paged
-
-        return triton_paged
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    # It stays set: triton reads it again while launching. Without a GPU nothing else can run
-    # triton kernels in this session anyway.
-    os.environ["TRITON_INTERPRET"] = "1"
-    from handler.attention import triton_paged
-
-    return triton_paged
-
-
-tp = _kernels_in_this_process()
+tp = import_kernels("handler.attention.triton_paged")
 in_process = pytest.mark.skipif(
     tp is None,
     reason="triton was imported without TRITON_INTERPRET earlier in this session; "
     "test_kernels_in_a_fresh_interpreter_process runs these tests instead",
 )
 
-
 if tp is None:
-
-    def test_kernels_in_a_fresh_interpreter_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not flash"]
-            + [__file__],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-        # Every kernel test must have run there, none skipped.
-        assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    test_kernels_in_a_fresh_interpreter_process = fresh_process_test(__file__, "-k", "not flash")
 
 
 # Relative error bounds by dtype (‖out - ref‖ / ‖ref‖ against a float64 reference).

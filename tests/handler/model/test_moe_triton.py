@@ -3,50 +3,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from handler.model.moe import ExpertWeights, run_experts
+from tests.support.triton_interpreter import fresh_process_test, import_kernels
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 
 
-def _kernels_in_this_process():
-    """Import moe_triton, under the interpreter when there is no GPU; None when triton was
-    already imported without it in this session (then a fresh process runs these tests)."""
-    if ON_CUDA:
-        from handler.model import moe_triton
-
-        return moe_triton
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    os.environ["TRITON_INTERPRET"] = "1"
-    from handler.model import moe_triton
-
-    return moe_triton
-
-
-mt = _kernels_in_this_process()
+mt = import_kernels("handler.model.moe_triton")
 in_process = pytest.mark.skipif(mt is None, reason="runs in a fresh interpreter process")
 
 if mt is None:
-
-    def test_kernels_in_a_fresh_interpreter_process() -> None:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-        assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    test_kernels_in_a_fresh_interpreter_process = fresh_process_test(__file__)
 
 
 def _weights(experts: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
