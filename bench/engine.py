@@ -247,8 +247,19 @@ def _hf_model(hf_config: dict[str, Any], weights: dict[str, torch.Tensor] | None
     model = getattr(transformers, arch)._from_config(config, attn_implementation="sdpa")
     model = model.to(dtype).eval()
     if weights is not None:
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict(_dense(weights, dtype), strict=False)
     return model
+
+
+def _dense(weights: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A quantized snapshot's weights de-quantized for transformers (and the ceilings, which
+    therefore measure the dense model)."""
+    from snapshot.quant.format import QuantizedTensor
+
+    return {
+        name: w.dequantize(torch.float32).to(dtype) if isinstance(w, QuantizedTensor) else w
+        for name, w in weights.items()
+    }
 
 
 def _thaw_engine(

@@ -61,6 +61,7 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the budget le
 step "pytest" 240 "$PY" -m pytest -q -p no:cacheprovider \
   tests/handler/attention/test_triton_paged.py tests/handler/attention/test_features.py \
   tests/handler/model/test_moe_triton.py tests/handler/model/test_quant_triton.py \
+  tests/snapshot/test_quant_snapshot.py \
   tests/warmup/test_kv_sizing.py \
   tests/warmup/test_cuda_graphs.py tests/warmup/test_warm_profile.py \
   tests/warmup/test_warm_start.py tests/handler/engine/test_gpu_path.py

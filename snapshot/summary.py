@@ -36,6 +36,11 @@ def render(manifest: dict[str, Any]) -> str:
             f"quantized     {count} weights: {scheme}"
             for scheme, count in quantization_counts(manifest).items()
         ),
+        *(
+            [f"quantized by  {manifest['quantization_source']}"]
+            if manifest.get("quantization")
+            else []
+        ),
         f"tensors       {manifest.get('tensor_count', len(manifest['tensors']))}",
         f"bytes         {manifest.get('total_bytes', 0):,}",
         f"format        {manifest['format_version']} (thaw {manifest.get('thaw_version')})",

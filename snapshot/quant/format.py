@@ -72,6 +72,14 @@ class QuantizedTensor:
         n, k = self.shape
         bn, bk = self.block
         q = self.unpacked().to(torch.float32)
+        if bn == 1 and k % bk == 0:
+            # Row groups: broadcast each group's scale over its values, no expanded copy (the
+            # common case, and the one an embedding lookup runs every step).
+            grouped = q.view(n, k // bk, bk)
+            w = grouped * self.scales.to(torch.float32).unsqueeze(-1)
+            if self.offsets is not None:
+                w = w + self.offsets.to(torch.float32).unsqueeze(-1)
+            return w.view(n, k).to(dtype)
         scales = _expand(self.scales.to(torch.float32), bn, bk, n, k)
         w = q * scales
         if self.offsets is not None:

@@ -19,7 +19,7 @@ from snapshot import manifest as mf
 from snapshot.errors import SnapshotError
 from snapshot.loader import load_snapshot
 from snapshot.quant.format import QuantizedTensor
-from snapshot.summary import quantization_counts
+from snapshot.summary import quantization_counts, render, summary
 from snapshot.verify import verify_snapshot
 from tests.support.engine_fixtures import kl_divergence, teacher_forced_logits
 from tests.support.snapshot_fixtures import build, rewrite_manifest_checksums, save_tiny_model
@@ -76,6 +76,9 @@ def test_manifest_names_every_quantized_weight(snapshots: dict[str, Path]) -> No
         assert verify_snapshot(directory) == [], key
         counts = quantization_counts(manifest)
         assert sum(counts.values()) == len(quantization)
+        text = render(manifest)
+        assert f"quantized by  round to nearest: {scheme} g" in text, text
+        assert "quantization" in summary(manifest) and "tensors" not in summary(manifest)
 
 
 def test_quantized_bytes_are_smaller(
@@ -232,3 +235,22 @@ def test_manifest_quantization_must_name_listed_tensors(
     del manifest["quantization"]
     with pytest.raises(SnapshotError, match="format_version 2 without 'quantization'"):
         mf.parse_manifest(manifest)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_triton_path_tracks_the_dequantized_float32_model(
+    source: Path, snapshots: dict[str, Path], scheme: str
+) -> None:
+    """The same check as the CPU kernels', on CUDA: int weights through the Triton matmul."""
+    model = _reference(source, snapshots[f"{scheme}-float32"])
+    config = EngineConfig(device="cuda", max_num_batched_tokens=128, num_kv_blocks=64)
+    engine = LLMEngine.from_snapshot(snapshots[f"{scheme}-bfloat16"], config)
+    layouts = {layer.qkv.layout for layer in engine.runner.model.weights.layers}
+    assert layouts == {"triton_int"}, layouts
+    tokens = _prompts(1, 48, 48, seed=9)[0]
+    with torch.no_grad():
+        reference = model(torch.tensor([tokens])).logits[0].float()
+    ours = teacher_forced_logits(engine, [tokens], decodes=16).cpu()
+    assert kl_divergence(reference, ours) < 0.02
+    assert (reference.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
