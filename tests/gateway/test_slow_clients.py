@@ -175,12 +175,18 @@ def test_a_full_queue_refuses_before_tokenizing(launch) -> None:
         except requests.RequestException:
             pass  # the gateway stops at the end of the test with these still running
 
-    for _ in range(2):
-        threading.Thread(target=occupy, daemon=True).start()
-    deadline = time.monotonic() + 10
-    while "thaw_queue_size 1" not in gateway.get("/metrics").text:
-        assert time.monotonic() < deadline, gateway.log()
-        time.sleep(0.05)
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 10
+        while line not in gateway.get("/metrics").text:
+            assert time.monotonic() < deadline, gateway.log()
+            time.sleep(0.05)
+
+    # One after the other: sent together, the second could find the first still queued (the
+    # queue's one place taken) and be refused, leaving the queue empty.
+    threading.Thread(target=occupy, daemon=True).start()
+    wait_for("thaw_running_requests 1")
+    threading.Thread(target=occupy, daemon=True).start()
+    wait_for("thaw_queue_size 1")
     started = time.monotonic()
     full = gateway.post("/generate", json=huge)
     refused_s = time.monotonic() - started
